@@ -1,0 +1,1 @@
+"""genderlens services: capture, inference, viewer, and the ``genderlens`` CLI that runs them."""

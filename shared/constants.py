@@ -1,0 +1,82 @@
+"""Every Redis stream, group and key name in one place.
+
+Per-camera names are built by the functions below so the format lives here only. Camera ids are
+validated (``CAMERA_ID_RE``) before they are ever put into a key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+PREFIX: Final = "genderlens"
+
+#: Camera ids: lowercase slug. Anything else is rejected before it reaches a key or a URL path.
+CAMERA_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+#: Consumer group shared by all inference workers over every frames stream (work sharing).
+INFERENCE_GROUP: Final = f"{PREFIX}:inference"
+
+#: Hash camera_id -> msgpack CameraInfo, written by capture at start and on status changes.
+CAMERAS_KEY: Final = f"{PREFIX}:cameras"
+#: Hash camera_id -> msgpack of a camera added through the viewer API, which `genderlens up` runs.
+CAMERA_REQUESTS_STREAM: Final = f"{PREFIX}:camera-requests"
+
+#: Stream of messages that could not be processed (malformed or too many deliveries), with reasons.
+DEADLETTER_STREAM: Final = f"{PREFIX}:deadletter"
+DEADLETTER_MAXLEN: Final = 10_000
+
+#: Stream on which the trainer / `genderlens models` announce a new current model version.
+MODEL_EVENTS_STREAM: Final = f"{PREFIX}:model-events"
+MODEL_EVENTS_MAXLEN: Final = 1_000
+
+#: Stream of operational events (model refused, camera lost, ...) the viewer shows.
+EVENTS_STREAM: Final = f"{PREFIX}:events"
+EVENTS_MAXLEN: Final = 1_000
+
+#: Hash of per-camera frame accounting counters (see ``stats_key``) fields:
+STAT_PUBLISHED: Final = "published"
+STAT_PUBLISH_FAILED: Final = "publish_failed"
+STAT_PROCESSED: Final = "processed"
+STAT_DROPPED_STALE: Final = "dropped_stale"
+STAT_EVICTED: Final = "evicted"
+STAT_DEAD_LETTERED: Final = "dead_lettered"
+STAT_FIELDS: Final = (
+    STAT_PUBLISHED,
+    STAT_PROCESSED,
+    STAT_DROPPED_STALE,
+    STAT_EVICTED,
+    STAT_DEAD_LETTERED,
+)
+
+#: Worker heartbeat keys (``worker_key``) expire after this many seconds without a refresh.
+WORKER_HEARTBEAT_TTL_S: Final = 10
+#: Camera heartbeat keys expire after this many seconds without a published frame/attempt.
+CAMERA_HEARTBEAT_TTL_S: Final = 10
+
+
+def frames_stream(camera_id: str) -> str:
+    return f"{PREFIX}:frames:{camera_id}"
+
+
+def results_stream(camera_id: str) -> str:
+    return f"{PREFIX}:results:{camera_id}"
+
+
+def stats_key(camera_id: str) -> str:
+    return f"{PREFIX}:stats:{camera_id}"
+
+
+def camera_heartbeat_key(camera_id: str) -> str:
+    return f"{PREFIX}:camera-alive:{camera_id}"
+
+
+def worker_key(worker_name: str) -> str:
+    return f"{PREFIX}:worker:{worker_name}"
+
+
+WORKER_KEY_PATTERN: Final = f"{PREFIX}:worker:*"
+
+
+def is_valid_camera_id(camera_id: str) -> bool:
+    return bool(CAMERA_ID_RE.match(camera_id))

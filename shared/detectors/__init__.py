@@ -1,0 +1,106 @@
+"""Face detectors behind one small protocol and a registry keyed by name.
+
+A backend module registers itself with ``@register("name")``; ``create(name, config)`` builds one and an
+unknown name is a clear error at start-up. Backends whose dependencies are heavy (torch) are imported
+lazily by name so a service that never asks for them never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    #: Measured on ../shared/data/faces/eval (see docs/detector-threshold.md): 0.6 finds the close-up
+    #: portraits OpenCV's default 0.9 misses, without adding false faces.
+    score_threshold: float = 0.6
+    nms_threshold: float = 0.3
+    top_k: int = 100
+    #: Frames are downscaled so their long side is at most this before detection (large faces score
+    #: low at full size; 640 is YuNet's training scale). Boxes are mapped back to frame pixels.
+    max_side: int = 640
+    weights_dir: Path | None = None
+    weights_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genderlens" / "weights")
+    device: str = "cpu"
+    #: Which checkpoint a PyTorch backend loads (``yunet_s`` matches the cv2 ONNX).
+    variant: str = "yunet_s"
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces found in one image, in that image's pixel coordinates.
+
+    boxes: float32 [N, 4] as (x, y, w, h); landmarks: float32 [N, 5, 2]; scores: float32 [N].
+    """
+
+    boxes: npt.NDArray[np.float32]
+    landmarks: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def empty() -> Detections:
+        return Detections(
+            np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
+        )
+
+
+@runtime_checkable
+class FaceDetector(Protocol):
+    name: str
+
+    def detect(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Detections]:
+        """Detect faces in a batch of BGR uint8 images (HxWx3, sizes may differ)."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[[DetectorConfig], FaceDetector]] = {}
+#: name -> module that registers it, imported on first use.
+_LAZY: dict[str, str] = {
+    "cv2-yunet": "shared.detectors.cv2_yunet",
+    "torch-yunet": "shared.detectors.torch_yunet",
+}
+
+
+def register(
+    name: str,
+) -> Callable[[Callable[[DetectorConfig], FaceDetector]], Callable[[DetectorConfig], FaceDetector]]:
+    def deco(factory: Callable[[DetectorConfig], FaceDetector]) -> Callable[[DetectorConfig], FaceDetector]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def create(name: str, config: DetectorConfig) -> FaceDetector:
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name](config)
+
+
+def resize_for_detection(image: npt.NDArray[np.uint8], max_side: int) -> tuple[npt.NDArray[np.uint8], float]:
+    """Downscale so the long side is <= max_side; returns the image and the scale applied."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale >= 1.0:
+        return image, 1.0
+    resized = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    return np.asarray(resized, dtype=np.uint8), scale

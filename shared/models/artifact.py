@@ -1,0 +1,264 @@
+"""The model artifact: one directory per version, carrying its own contract.
+
+``MODELS_DIR/<name>-<version>/``
+  ``model.safetensors``  weights (safetensors: loading never unpickles anything)
+  ``model.json``         :class:`ModelMeta`: architecture and config, classes, input size, framing
+                         margin, normalisation, preprocessing version, metrics, data fingerprint,
+                         creation time, trainer git commit
+``MODELS_DIR/current``   a text file naming the current version's directory
+
+:func:`publish` is atomic (temp dir, fsync, rename, then an atomic replace of ``current``), so a killed
+publish leaves the previous ``current`` intact. :func:`load_artifact` validates the contract and runs a
+probe forward pass before it returns anything: a broken or incompatible artifact is refused whole,
+never half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from shared.models.archs import ARCHITECTURES, build_model
+from shared.preprocess import PREPROCESS_VERSION, normalize
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT: Final = 1
+WEIGHTS_FILE: Final = "model.safetensors"
+META_FILE: Final = "model.json"
+CURRENT_FILE: Final = "current"
+UNCERTAIN: Final = "uncertain"
+UNKNOWN: Final = "unknown"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that must not be served; the message says why."""
+
+
+class ModelMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = ARTIFACT_FORMAT
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*$")
+    arch: str
+    arch_config: dict[str, Any] = Field(default_factory=dict)
+    classes: list[str] = Field(min_length=2)
+    input_size: int = Field(ge=16, le=512)
+    margin: float = Field(gt=0.2, le=4.0)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    preprocess_version: int
+    #: Below this top-class probability a face is reported as ``uncertain`` (the serving setting may
+    #: override it); chosen on the validation split, see the model card.
+    uncertain_threshold: float = Field(0.6, ge=0.0, le=1.0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    data_fingerprint: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    git_commit: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or any(c in (UNCERTAIN, UNKNOWN) or not c for c in value):
+            raise ValueError("class names must be unique, non-empty and not 'uncertain'/'unknown'")
+        return value
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+def new_version() -> str:
+    """A sortable, unique version string (UTC time plus a short random suffix)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "." + secrets.token_hex(2)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_artifact_dir(target: Path, model: nn.Module, meta: ModelMeta) -> None:
+    """Write weights and metadata into an existing, empty directory (fsynced)."""
+    from safetensors.torch import save as st_save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_file(target / WEIGHTS_FILE, st_save(state, metadata={"format": str(ARTIFACT_FORMAT)}))
+    _write_file(target / META_FILE, meta.model_dump_json(indent=2).encode())
+    _fsync_dir(target)
+
+
+def set_current(models_dir: Path, dirname: str) -> None:
+    """Atomically point ``current`` at ``dirname`` (which must hold a complete artifact)."""
+    if not (models_dir / dirname / META_FILE).is_file():
+        raise ArtifactError(f"{models_dir / dirname} is not a model artifact")
+    tmp = models_dir / f".{CURRENT_FILE}.{secrets.token_hex(4)}"
+    _write_file(tmp, (dirname + "\n").encode())
+    tmp.replace(models_dir / CURRENT_FILE)
+    _fsync_dir(models_dir)
+
+
+def publish(models_dir: Path, model: nn.Module, meta: ModelMeta, make_current: bool = True) -> Path:
+    """Write a new artifact version atomically and (by default) make it current. Returns its path."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / meta.dirname
+    if final.exists():
+        raise ArtifactError(f"{final} already exists; versions are immutable")
+    tmp = models_dir / f".tmp-{meta.dirname}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write_artifact_dir(tmp, model, meta)
+        tmp.rename(final)
+        _fsync_dir(models_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if make_current:
+        set_current(models_dir, meta.dirname)
+    return final
+
+
+def current_dir(models_dir: Path) -> Path | None:
+    """The directory ``current`` points at, or None when there is no (valid) pointer."""
+    pointer = models_dir / CURRENT_FILE
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not name or "/" in name or name.startswith("."):
+        raise ArtifactError(f"{pointer} holds an invalid name {name[:80]!r}")
+    return models_dir / name
+
+
+def list_versions(models_dir: Path) -> list[ModelMeta]:
+    """Every complete artifact under ``models_dir`` (unreadable ones skipped), oldest first."""
+    metas = []
+    if not models_dir.is_dir():
+        return []
+    for child in sorted(models_dir.iterdir()):
+        if child.name.startswith(".") or not (child / META_FILE).is_file():
+            continue
+        try:
+            metas.append(read_meta(child))
+        except ArtifactError as exc:
+            log.warning("skipping %s: %s", child, exc)
+    return sorted(metas, key=lambda m: m.created_at)
+
+
+def read_meta(path: Path) -> ModelMeta:
+    try:
+        raw = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: no {META_FILE}") from exc
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path / META_FILE}: unreadable ({exc})") from exc
+    try:
+        meta = ModelMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{path / META_FILE}: invalid metadata: {exc}") from exc
+    if meta.format != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: artifact format {meta.format}, this code reads {ARTIFACT_FORMAT}")
+    if meta.preprocess_version != PREPROCESS_VERSION:
+        raise ArtifactError(
+            f"{path}: made with preprocessing v{meta.preprocess_version}, this code serves "
+            f"v{PREPROCESS_VERSION}"
+        )
+    if meta.arch not in ARCHITECTURES:
+        raise ArtifactError(f"{path}: unknown architecture {meta.arch!r}")
+    return meta
+
+
+def probe_input(meta: ModelMeta, n: int = 2) -> torch.Tensor:
+    """A fixed, built-in probe batch (uint8 gradient crops) for the load-time forward pass."""
+    s = meta.input_size
+    ramp = torch.linspace(0, 255, s).round().to(torch.uint8)
+    img = torch.stack(
+        [ramp.view(1, s).expand(s, s), ramp.view(s, 1).expand(s, s), ramp.flip(0).view(1, s).expand(s, s)]
+    )
+    return img.unsqueeze(0).repeat(n, 1, 1, 1)
+
+
+@dataclass
+class Classifier:
+    """A validated, ready-to-serve model."""
+
+    meta: ModelMeta
+    module: nn.Module
+    device: torch.device
+    path: Path
+
+    @torch.inference_mode()
+    def predict(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB crops [N,3,S,S] (from ``shared.preprocess.align_faces``) -> probabilities [N,C]."""
+        if crops.shape[0] == 0:
+            return torch.zeros((0, len(self.meta.classes)))
+        x = normalize(crops.to(self.device, non_blocking=True), self.meta.mean, self.meta.std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.module(x)
+        else:
+            logits = self.module(x)
+        return torch.softmax(logits.float(), dim=1)
+
+
+def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
+    """Load and validate an artifact directory; raises :class:`ArtifactError` on anything wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    started = time.perf_counter()
+    meta = read_meta(path)
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
+    try:
+        module = build_model(meta.arch, num_classes=len(meta.classes), **meta.arch_config)
+        module.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: weights do not fit {meta.arch} {meta.arch_config}: {exc}") from exc
+    dev = torch.device(device)
+    module = module.to(dev).eval().to(memory_format=torch.channels_last)
+    clf = Classifier(meta=meta, module=module, device=dev, path=path)
+    probs = clf.predict(probe_input(meta))
+    if tuple(probs.shape) != (2, len(meta.classes)) or not torch.isfinite(probs).all():
+        raise ArtifactError(f"{path}: probe forward pass gave {tuple(probs.shape)} / non-finite output")
+    log.info(
+        "loaded model %s (%s) in %.0f ms", meta.dirname, meta.arch, (time.perf_counter() - started) * 1e3
+    )
+    return clf
+
+
+def label_for(probs: torch.Tensor, classes: list[str], threshold: float) -> list[str]:
+    """Top class per row, or ``uncertain`` when its probability is below ``threshold``."""
+    if probs.shape[0] == 0:
+        return []
+    top, idx = probs.max(dim=1)
+    return [
+        classes[i] if p >= threshold else UNCERTAIN for p, i in zip(top.tolist(), idx.tolist(), strict=True)
+    ]

@@ -1,0 +1,152 @@
+"""Redis and Redis Streams helpers shared by every service.
+
+- ``connect`` builds a client where every call has a timeout.
+- ``Backoff`` is the capped exponential retry policy every service uses through an outage.
+- ``ensure_group`` creates the consumer group (idempotent; recreates it after a Redis restart).
+- ``autoclaim`` wraps XAUTOCLAIM so callers see one shape on Redis 6.2 and 7.x.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.exceptions import ResponseError
+
+log = logging.getLogger(__name__)
+
+#: What a dropped or restarting Redis raises; services catch exactly these to back off and retry.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    ConnectionResetError,
+    BrokenPipeError,
+)
+
+
+def connect(url: str, timeout_s: float = 5.0, name: str | None = None) -> redis.Redis:
+    """A synchronous client whose every call is bounded by ``timeout_s`` (blocking stream reads add
+    their own BLOCK time on top, see ``read_timeout``)."""
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+        client_name=name,
+        decode_responses=False,
+    )
+    return client
+
+
+def redact_url(url: str) -> str:
+    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0`` for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter; ``reset()`` after a success."""
+
+    base_s: float = 0.1
+    cap_s: float = 5.0
+    attempt: int = field(default=0, init=False)
+
+    def next_delay(self) -> float:
+        delay = min(self.cap_s, self.base_s * (2**self.attempt))
+        self.attempt += 1
+        return delay * (0.5 + random.random() / 2)
+
+    def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
+        delay = self.next_delay()
+        log.warning(
+            "%s: redis unavailable (%s: %s); retry %d in %.2fs",
+            what,
+            type(exc).__name__,
+            exc,
+            self.attempt,
+            delay,
+        )
+        stop.wait(delay)
+
+    def reset(self) -> None:
+        if self.attempt:
+            log.info("redis reachable again after %d retries", self.attempt)
+        self.attempt = 0
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> bool:
+    """Create ``group`` on ``stream`` (and the stream). Returns True if it was created now.
+
+    ``start_id="0"`` so that frames already in a freshly created stream are not skipped.
+    """
+    try:
+        client.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """Normalised XAUTOCLAIM reply. ``deleted`` lists ids that were pending but whose entries are gone
+    (trimmed from the stream): Redis 7 reports them in a third element and drops them from the PEL;
+    Redis 6.2 returns them as ``[id, None]`` entries and keeps them pending, so we ack them here."""
+
+    next_id: bytes
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
+    deleted: list[bytes]
+
+
+def autoclaim(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    start_id: bytes | str = b"0-0",
+    count: int = 32,
+) -> Claimed:
+    reply: Any = client.execute_command(
+        "XAUTOCLAIM", stream, group, consumer, min_idle_ms, start_id, "COUNT", count
+    )
+    next_id = reply[0]
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    deleted: list[bytes] = [bytes(x) for x in reply[2]] if len(reply) > 2 and reply[2] else []
+    for item in reply[1] or []:
+        if item is None:
+            continue
+        entry_id, raw_fields = item[0], item[1]
+        if raw_fields is None:  # Redis 6.2: the entry was trimmed but is still pending
+            deleted.append(bytes(entry_id))
+            continue
+        if isinstance(raw_fields, dict):
+            fields = dict(raw_fields)
+        else:
+            flat: Sequence[bytes] = raw_fields
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        entries.append((bytes(entry_id), fields))
+    return Claimed(next_id=bytes(next_id), entries=entries, deleted=deleted)
+
+
+def parse_stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def stream_id_age_ms(entry_id: bytes | str, now: float | None = None) -> float:
+    """How old an entry is by its id (ids start with the server's ms clock)."""
+    ms, _ = parse_stream_id(entry_id)
+    return (now if now is not None else time.time()) * 1000 - ms
