@@ -103,7 +103,8 @@ class _Message:
     def pack(self) -> bytes:
         return _pack(self.to_dict())
 
-    def to_fields(self) -> dict[bytes, bytes]:
+    def to_fields(self) -> dict[Any, Any]:
+        """The stream entry for XADD (typed loosely: redis-py's field types are invariant dicts)."""
         return {FIELD: self.pack()}
 
 

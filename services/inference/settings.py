@@ -10,25 +10,39 @@ from shared.settings import CommonSettings, ModelPathsMixin
 class InferenceSettings(ModelPathsMixin, CommonSettings):
     detector: str = Field("cv2-yunet", description="Face detector backend (cv2-yunet, torch-yunet).")
     detector_score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet score threshold.")
-    detector_max_side: int = Field(640, ge=64, description="Frames are downscaled to this long side for "
-                                   "detection.")
+    detector_max_side: int = Field(
+        640, ge=64, description="Frames are downscaled to this long side for detection."
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when present.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
     batch_size: int = Field(8, ge=1, le=1024, description="Most frames read and processed per batch.")
-    max_wait_ms: int = Field(5, ge=0, le=1000, description="Most time to wait to fill a batch once a frame "
-                             "is in hand.")
+    max_wait_ms: int = Field(
+        5, ge=0, le=1000, description="Most time to wait to fill a batch once a frame is in hand."
+    )
     block_ms: int = Field(500, ge=1, le=10_000, description="XREADGROUP BLOCK time when idle.")
-    staleness_ms: int = Field(500, ge=1, description="Frames older than this when read are dropped (counted).")
-    claim_idle_ms: int = Field(5000, ge=100, description="Pending entries idle this long are claimed from "
-                               "dead workers.")
+    staleness_ms: int = Field(
+        500, ge=1, description="Frames older than this when read are dropped (counted)."
+    )
+    claim_idle_ms: int = Field(
+        5000, ge=100, description="Pending entries idle this long are claimed from dead workers."
+    )
     max_deliveries: int = Field(3, ge=1, description="After this many deliveries an entry is dead-lettered.")
     results_maxlen: int = Field(256, ge=4, description="Cap (MAXLEN ~) of each results stream.")
-    uncertain_threshold: float | None = Field(None, ge=0, le=1, description="Below this confidence a face is "
-                                              "'uncertain'; unset = the model's own recommended value.")
+    uncertain_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Below this confidence a face is 'uncertain'; unset = the model's own recommended value.",
+    )
     worker_name: str | None = Field(None, description="Consumer name; default host-pid (unique per process).")
-    drain_timeout_s: float = Field(10.0, gt=0, description="On SIGTERM, finish the in-flight batch within this.")
+    drain_timeout_s: float = Field(
+        10.0, gt=0, description="On SIGTERM, finish the in-flight batch within this."
+    )
     model_poll_s: float = Field(2.0, gt=0, description="How often to look for a new current model.")
     cameras_refresh_s: float = Field(1.0, gt=0, description="How often to look for new camera streams.")
-    health_file: str | None = Field(None, description="File touched after every loop; the container "
-                                    "healthcheck (`genderlens infer --check-health`) fails when it goes stale.")
+    health_file: str | None = Field(
+        None,
+        description="File touched after every loop; the container "
+        "healthcheck (`genderlens infer --check-health`) fails when it goes stale.",
+    )
     health_max_age_s: float = Field(30.0, gt=0, description="Health file older than this = unhealthy.")

@@ -1,0 +1,61 @@
+"""``genderlens capture``: one source, one camera."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+from pydantic import ValidationError
+
+from services.capture.settings import CaptureSettings
+from services.capture.sources import SourceError, parse_source
+from shared.constants import is_valid_camera_id
+from shared.runtime import install_stop_handlers, setup_logging, start_metrics_server
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        help="0 / webcam:N, video file, rtsp:// or http(s):// URL, or image folder (env GENDERLENS_SOURCE)",
+    )
+    parser.add_argument("--camera-id", help="camera id slug (default: derived from the source)")
+    parser.add_argument("--fps", type=float, help="frames per second to publish (default 15)")
+    parser.add_argument("--loop", action="store_true", default=None, help="loop a file or folder source")
+    parser.add_argument("--redis-url", help="Redis URL (env GENDERLENS_REDIS_URL)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = CaptureSettings().with_overrides(
+            source=args.source,
+            camera_id=args.camera_id,
+            fps=args.fps,
+            loop=args.loop,
+            redis_url=args.redis_url,
+            metrics_port=args.metrics_port,
+        )
+    except ValidationError as exc:
+        raise SystemExit(f"genderlens capture: invalid settings:\n{exc}") from None
+    setup_logging(settings.log_level)
+    try:
+        spec = parse_source(settings.source)
+    except SourceError as exc:
+        raise SystemExit(f"genderlens capture: {exc}") from None
+    camera_id = settings.camera_id or spec.default_camera_id
+    if not is_valid_camera_id(camera_id):
+        raise SystemExit(f"genderlens capture: invalid --camera-id {camera_id!r} (use a-z, 0-9, '-' and '_')")
+    from services.capture.service import CaptureService
+
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    start_metrics_server(settings.metrics_host, settings.metrics_port)
+    log.info("capture %s from %s at %.1f fps", camera_id, spec.redacted(), settings.fps)
+    try:
+        return CaptureService(settings, spec, camera_id, stop).run()
+    except SourceError as exc:
+        log.error("%s", exc)
+        return 2

@@ -1,0 +1,217 @@
+"""The capture service: read one source, pace it to ``fps``, publish JPEG frames to the camera's
+frames stream.
+
+Capture never blocks on Redis: frames go through a small bounded queue to a publisher thread; when the
+queue is full the oldest frame is dropped and counted (``publish_failed``). A lost live source is
+reopened with capped backoff while the camera is marked ``no_signal``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import cv2
+import redis
+from prometheus_client import Counter, Gauge
+
+from services.capture.settings import CaptureSettings
+from services.capture.sources import FrameSource, SourceError, SourceOptions, SourceSpec, open_source
+from shared import constants as C
+from shared.schema import CameraInfo, Frame
+from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group
+
+log = logging.getLogger(__name__)
+
+FRAMES_CAPTURED = Counter("genderlens_capture_frames_total", "Frames read from the source", ["camera"])
+FRAMES_PUBLISHED = Counter("genderlens_capture_published_total", "Frames published to Redis", ["camera"])
+FRAMES_NOT_PUBLISHED = Counter(
+    "genderlens_capture_publish_failed_total", "Frames dropped before reaching Redis", ["camera"]
+)
+SOURCE_UP = Gauge("genderlens_capture_source_up", "1 while the source delivers frames", ["camera"])
+
+
+class CaptureService:
+    def __init__(
+        self, settings: CaptureSettings, spec: SourceSpec, camera_id: str, stop: threading.Event
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.camera_id = camera_id
+        self.stop = stop
+        self.stream = C.frames_stream(camera_id)
+        self._queue: queue.Queue[Frame] = queue.Queue(maxsize=settings.publish_queue)
+        self._client = connect(
+            settings.redis_url.get_secret_value(), settings.redis_timeout_s, f"capture:{camera_id}"
+        )
+        self._started_at = time.time()
+        self._status = "starting"
+        self._status_dirty = threading.Event()
+        self.published = 0
+        self.dropped = 0
+
+    # -- source side -------------------------------------------------------------------------------
+    def _open(self, first: bool = False) -> FrameSource | None:
+        """Open the source; a lost live source is retried with backoff until it answers. A webcam that
+        cannot be opened at start-up is an error at once (most likely there is none)."""
+        backoff = Backoff(base_s=0.5, cap_s=self.settings.reconnect_max_s)
+        options = SourceOptions(
+            fps=self.settings.fps,
+            open_timeout_s=self.settings.open_timeout_s,
+            slide_seconds=self.settings.slide_seconds,
+        )
+        while not self.stop.is_set():
+            try:
+                return open_source(self.spec, options)
+            except SourceError as exc:
+                if not self.spec.is_live or (first and self.spec.kind == "webcam"):
+                    raise
+                self._set_status("no_signal")
+                delay = backoff.next_delay()
+                log.warning("%s (retry %d in %.1fs)", exc, backoff.attempt, delay)
+                self.stop.wait(delay)
+        return None
+
+    def run(self) -> int:
+        """Capture until the source ends (file without --loop) or stop is set. Returns an exit code."""
+        publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
+        publisher.start()
+        source = self._open(first=True)
+        interval = 1.0 / self.settings.fps
+        next_tick = time.monotonic()
+        seq = 0
+        try:
+            while source is not None and not self.stop.is_set():
+                image = source.read()
+                if image is None:
+                    source.close()
+                    SOURCE_UP.labels(self.camera_id).set(0)
+                    if self.spec.is_live:
+                        log.warning("source %s lost; reconnecting", self.spec.redacted())
+                        self._set_status("no_signal")
+                        source = self._open()
+                        continue
+                    if self.settings.loop:
+                        source = self._open()
+                        continue
+                    log.info("source %s ended", self.spec.redacted())
+                    break
+                SOURCE_UP.labels(self.camera_id).set(1)
+                self._set_status("live")
+                FRAMES_CAPTURED.labels(self.camera_id).inc()
+                frame = self._encode(image, seq)
+                seq += 1
+                if frame is not None:
+                    self._enqueue(frame)
+                next_tick += interval
+                delay = next_tick - time.monotonic()
+                if delay > 0:
+                    self.stop.wait(delay)
+                else:
+                    next_tick = time.monotonic()  # running late: do not try to catch up with a burst
+        finally:
+            if source is not None:
+                source.close()
+            self._set_status("stopped")
+            self.stop.set()
+            publisher.join(timeout=self.settings.redis_timeout_s + 2)
+            self._client.close()
+        log.info("capture %s stopped: %d published, %d dropped", self.camera_id, self.published, self.dropped)
+        return 0
+
+    def _encode(self, image: cv2.typing.MatLike, seq: int) -> Frame | None:
+        height, width = image.shape[:2]
+        if width > self.settings.max_width:
+            scale = self.settings.max_width / width
+            image = cv2.resize(
+                image, (self.settings.max_width, round(height * scale)), interpolation=cv2.INTER_AREA
+            )
+            height, width = image.shape[:2]
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+        if not ok:
+            log.warning("could not encode frame %d as JPEG; skipped", seq)
+            return None
+        return Frame(self.camera_id, seq, time.time(), int(width), int(height), buf.tobytes())
+
+    def _enqueue(self, frame: Frame) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(frame)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()  # drop the oldest: live video prefers the newest frame
+                    self._count_drop()
+                except queue.Empty:
+                    pass
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        FRAMES_NOT_PUBLISHED.labels(self.camera_id).inc()
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            self._status = status
+            self._status_dirty.set()
+
+    # -- Redis side --------------------------------------------------------------------------------
+    def _register(self) -> None:
+        info = CameraInfo(
+            camera_id=self.camera_id,
+            source=self.spec.redacted(),
+            fps=self.settings.fps,
+            status=self._status,
+            started_at=self._started_at,
+            updated_at=time.time(),
+        )
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(C.CAMERAS_KEY, self.camera_id, info.pack())  # type: ignore[arg-type]  # bytes are fine
+        pipe.set(C.camera_heartbeat_key(self.camera_id), self._status, ex=C.CAMERA_HEARTBEAT_TTL_S)
+        pipe.execute()
+        ensure_group(self._client, self.stream, C.INFERENCE_GROUP)
+
+    def _publish_loop(self) -> None:
+        backoff = Backoff(cap_s=5.0)
+        registered = False
+        last_beat = 0.0
+        while True:
+            try:
+                frame = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                frame = None
+                if self.stop.is_set():
+                    break
+            try:
+                now = time.monotonic()
+                if (
+                    not registered
+                    or self._status_dirty.is_set()
+                    or now - last_beat > C.CAMERA_HEARTBEAT_TTL_S / 3
+                ):
+                    self._status_dirty.clear()
+                    self._register()
+                    registered, last_beat = True, now
+                if frame is not None:
+                    self._publish(frame)
+                backoff.reset()
+            except REDIS_DOWN_ERRORS as exc:
+                registered = False
+                if frame is not None:
+                    self._count_drop()
+                # Sleep on the backoff, but keep draining: frames queued meanwhile are dropped (counted)
+                # by _enqueue rather than blocking the capture thread.
+                backoff.wait(self.stop, f"capture {self.camera_id}", exc)
+            except redis.RedisError as exc:
+                log.error("capture %s: redis error %s; frame dropped", self.camera_id, exc)
+                if frame is not None:
+                    self._count_drop()
+
+    def _publish(self, frame: Frame) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xadd(self.stream, frame.to_fields(), maxlen=self.settings.frames_maxlen, approximate=True)
+        pipe.hincrby(C.stats_key(self.camera_id), C.STAT_PUBLISHED, 1)
+        pipe.execute()
+        self.published += 1
+        FRAMES_PUBLISHED.labels(self.camera_id).inc()
