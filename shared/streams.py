@@ -100,13 +100,29 @@ def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "
 
 @dataclass(frozen=True)
 class Claimed:
-    """Normalised XAUTOCLAIM reply. ``deleted`` lists ids that were pending but whose entries are gone
-    (trimmed from the stream): Redis 7 reports them in a third element and drops them from the PEL;
-    Redis 6.2 returns them as ``[id, None]`` entries and keeps them pending, so we ack them here."""
+    """Normalised XAUTOCLAIM reply.
+
+    ``entries`` are the claimed entries that still exist. Pending entries whose stream entry is gone
+    (trimmed) are reported differently by the two servers, so they come back in two lists:
+
+    - ``deleted``: Redis 7 lists their ids in a third reply element and removes them from the pending
+      list itself; the caller only counts them (nobody can ack them any more).
+    - ``deleted_pending``: Redis 6.2 returns them as ``[nil, nil]`` (ids lost) and leaves them pending,
+      now owned by this consumer; we find their ids (see ``autoclaim``) and the caller must XACK them
+      (and count them only if its ack removed them, as ``shared.accounting.SETTLE_LUA`` does).
+    """
 
     next_id: bytes
     entries: list[tuple[bytes, dict[bytes, bytes]]]
-    deleted: list[bytes]
+    deleted: list[bytes] = field(default_factory=list)
+    deleted_pending: list[bytes] = field(default_factory=list)
+
+
+def _fields(raw_fields: Any) -> dict[bytes, bytes]:
+    if isinstance(raw_fields, dict):
+        return dict(raw_fields)
+    flat: Sequence[bytes] = raw_fields
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def autoclaim(
@@ -118,26 +134,42 @@ def autoclaim(
     start_id: bytes | str = b"0-0",
     count: int = 32,
 ) -> Claimed:
+    """XAUTOCLAIM entries idle at least ``min_idle_ms`` to ``consumer``, the same way on 6.2 and 7.x."""
     reply: Any = client.execute_command(
         "XAUTOCLAIM", stream, group, consumer, min_idle_ms, start_id, "COUNT", count
     )
-    next_id = reply[0]
+    next_id = bytes(reply[0])
     entries: list[tuple[bytes, dict[bytes, bytes]]] = []
     deleted: list[bytes] = [bytes(x) for x in reply[2]] if len(reply) > 2 and reply[2] else []
+    lost_ids = 0
     for item in reply[1] or []:
-        if item is None:
+        if item is None or item[0] is None or item[1] is None:
+            lost_ids += 1  # Redis 6.2: a claimed entry that was trimmed; its id is not in the reply
             continue
-        entry_id, raw_fields = item[0], item[1]
-        if raw_fields is None:  # Redis 6.2: the entry was trimmed but is still pending
-            deleted.append(bytes(entry_id))
-            continue
-        if isinstance(raw_fields, dict):
-            fields = dict(raw_fields)
-        else:
-            flat: Sequence[bytes] = raw_fields
-            fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        entries.append((bytes(entry_id), fields))
-    return Claimed(next_id=bytes(next_id), entries=entries, deleted=deleted)
+        entries.append((bytes(item[0]), _fields(item[1])))
+    deleted_pending: list[bytes] = []
+    if lost_ids:
+        deleted_pending = _trimmed_pending(client, stream, group, consumer, {e[0] for e in entries}, count)
+    return Claimed(next_id=next_id, entries=entries, deleted=deleted, deleted_pending=deleted_pending)
+
+
+def _trimmed_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, claimed: set[bytes], count: int
+) -> list[bytes]:
+    """Ids pending for ``consumer`` whose entry no longer exists in ``stream`` (Redis 6.2 path).
+
+    The 6.2 claim just moved them to ``consumer``; any other such id it owned is equally gone and
+    equally due an ack, so looking at everything the consumer owns is correct, not just this batch.
+    """
+    rows: Any = client.xpending_range(stream, group, "-", "+", count + 64, consumername=consumer)
+    candidates = [bytes(r["message_id"]) for r in rows if bytes(r["message_id"]) not in claimed]
+    if not candidates:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for entry_id in candidates:
+        pipe.xrange(stream, entry_id, entry_id)
+    exists = pipe.execute()
+    return [entry_id for entry_id, found in zip(candidates, exists, strict=True) if not found]
 
 
 def parse_stream_id(entry_id: bytes | str) -> tuple[int, int]:

@@ -2,8 +2,16 @@
 frames stream.
 
 Capture never blocks on Redis: frames go through a small bounded queue to a publisher thread; when the
-queue is full the oldest frame is dropped and counted (``publish_failed``). A lost live source is
-reopened with capped backoff while the camera is marked ``no_signal``.
+queue is full the oldest frame is dropped and counted (``publish_failed``). Frames are published by the
+``shared.accounting`` script, which also counts them ``published`` and measures what the stream cap
+evicts before any worker read it. A lost source is reopened with capped backoff while the camera is
+marked ``no_signal``.
+
+Through a Redis outage the publisher thread backs off (capped, one log line per attempt) while the
+capture thread keeps reading the source; frames that could not be published are counted locally as
+``publish_failed`` (never ``published``, so they are outside the accounting equation) and the total is
+added to the camera's stats hash once Redis answers again. Every reconnect re-registers the camera and
+re-creates the consumer group, which a restarted Redis has lost.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from prometheus_client import Counter, Gauge
 from services.capture.settings import CaptureSettings
 from services.capture.sources import FrameSource, SourceError, SourceOptions, SourceSpec, open_source
 from shared import constants as C
+from shared.accounting import Accounting
 from shared.schema import CameraInfo, Frame
 from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group
 
@@ -30,7 +39,14 @@ FRAMES_PUBLISHED = Counter("genderlens_capture_published_total", "Frames publish
 FRAMES_NOT_PUBLISHED = Counter(
     "genderlens_capture_publish_failed_total", "Frames dropped before reaching Redis", ["camera"]
 )
+FRAMES_EVICTED = Counter(
+    "genderlens_capture_evicted_total",
+    "Frames trimmed from the capped stream before any worker read them",
+    ["camera"],
+)
 SOURCE_UP = Gauge("genderlens_capture_source_up", "1 while the source delivers frames", ["camera"])
+STREAM_LENGTH = Gauge("genderlens_capture_stream_length", "Entries in the camera's frames stream", ["camera"])
+REDIS_UP = Gauge("genderlens_capture_redis_up", "1 while Redis answers the publisher", ["camera"])
 
 
 class CaptureService:
@@ -46,16 +62,24 @@ class CaptureService:
         self._client = connect(
             settings.redis_url.get_secret_value(), settings.redis_timeout_s, f"capture:{camera_id}"
         )
+        self._accounting = Accounting(self._client)
         self._started_at = time.time()
         self._status = "starting"
         self._status_dirty = threading.Event()
         self.published = 0
         self.dropped = 0
+        # publish_failed not yet added to the stats hash (Redis may be the reason they failed)
+        self._unreported_drops = 0
+        self._drops_lock = threading.Lock()
 
     # -- source side -------------------------------------------------------------------------------
     def _open(self, first: bool = False) -> FrameSource | None:
-        """Open the source; a lost live source is retried with backoff until it answers. A webcam that
-        cannot be opened at start-up is an error at once (most likely there is none)."""
+        """Open the source, retrying with capped backoff until it answers (or stop is set).
+
+        At start-up a file, folder or webcam that cannot be opened is an error at once (a typo, or no
+        camera at all); a network stream is retried, since it may just not be up yet. Once running,
+        every kind is retried: an unplugged webcam, a dropped RTSP feed, or a file or folder that went
+        away while looping, with the camera shown as ``no_signal`` meanwhile."""
         backoff = Backoff(base_s=0.5, cap_s=self.settings.reconnect_max_s)
         options = SourceOptions(
             fps=self.settings.fps,
@@ -66,7 +90,7 @@ class CaptureService:
             try:
                 return open_source(self.spec, options)
             except SourceError as exc:
-                if not self.spec.is_live or (first and self.spec.kind == "webcam"):
+                if first and self.spec.kind != "stream":
                     raise
                 self._set_status("no_signal")
                 delay = backoff.next_delay()
@@ -95,6 +119,8 @@ class CaptureService:
                         continue
                     if self.settings.loop:
                         source = self._open()
+                        if source is not None:
+                            self._set_status("live")
                         continue
                     log.info("source %s ended", self.spec.redacted())
                     break
@@ -148,7 +174,9 @@ class CaptureService:
                     pass
 
     def _count_drop(self) -> None:
-        self.dropped += 1
+        with self._drops_lock:  # called from both the capture and the publisher thread
+            self.dropped += 1
+            self._unreported_drops += 1
         FRAMES_NOT_PUBLISHED.labels(self.camera_id).inc()
 
     def _set_status(self, status: str) -> None:
@@ -166,11 +194,25 @@ class CaptureService:
             started_at=self._started_at,
             updated_at=time.time(),
         )
+        with self._drops_lock:
+            drops, self._unreported_drops = self._unreported_drops, 0
         pipe = self._client.pipeline(transaction=False)
         pipe.hset(C.CAMERAS_KEY, self.camera_id, info.pack())  # type: ignore[arg-type]  # bytes are fine
         pipe.set(C.camera_heartbeat_key(self.camera_id), self._status, ex=C.CAMERA_HEARTBEAT_TTL_S)
-        pipe.execute()
-        ensure_group(self._client, self.stream, C.INFERENCE_GROUP)
+        if drops:
+            pipe.hincrby(C.stats_key(self.camera_id), C.STAT_PUBLISH_FAILED, drops)
+        pipe.xlen(self.stream)
+        try:
+            replies = pipe.execute()
+        except BaseException:
+            with self._drops_lock:  # not reported after all: try again next time
+                self._unreported_drops += drops
+            raise
+        STREAM_LENGTH.labels(self.camera_id).set(replies[-1])
+        # After a Redis restart the group is gone: re-create it here, before the next frame, so that
+        # workers (which re-discover cameras from CAMERAS_KEY) find it.
+        if ensure_group(self._client, self.stream, C.INFERENCE_GROUP):
+            log.info("created consumer group %s on %s", C.INFERENCE_GROUP, self.stream)
 
     def _publish_loop(self) -> None:
         backoff = Backoff(cap_s=5.0)
@@ -196,22 +238,27 @@ class CaptureService:
                 if frame is not None:
                     self._publish(frame)
                 backoff.reset()
+                REDIS_UP.labels(self.camera_id).set(1)
             except REDIS_DOWN_ERRORS as exc:
                 registered = False
+                REDIS_UP.labels(self.camera_id).set(0)
                 if frame is not None:
                     self._count_drop()
                 # Sleep on the backoff, but keep draining: frames queued meanwhile are dropped (counted)
                 # by _enqueue rather than blocking the capture thread.
                 backoff.wait(self.stop, f"capture {self.camera_id}", exc)
             except redis.RedisError as exc:
+                # Not an outage (e.g. a script error or a wrong key type): never spin on it.
                 log.error("capture %s: redis error %s; frame dropped", self.camera_id, exc)
+                registered = False
                 if frame is not None:
                     self._count_drop()
+                self.stop.wait(0.5)
 
     def _publish(self, frame: Frame) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.xadd(self.stream, frame.to_fields(), maxlen=self.settings.frames_maxlen, approximate=True)
-        pipe.hincrby(C.stats_key(self.camera_id), C.STAT_PUBLISHED, 1)
-        pipe.execute()
+        # One atomic script: XADD, count published, trim to the cap and count what the trim evicted.
+        published = self._accounting.publish(self.camera_id, frame.to_fields(), self.settings.frames_maxlen)
         self.published += 1
         FRAMES_PUBLISHED.labels(self.camera_id).inc()
+        if published.evicted:
+            FRAMES_EVICTED.labels(self.camera_id).inc(published.evicted)

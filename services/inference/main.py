@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -139,4 +140,25 @@ def run(args: argparse.Namespace) -> int:
         )
     models.start(stop, settings.model_poll_s)
     start_metrics_server(settings.metrics_host, settings.metrics_port)
-    return worker.run()
+    done = threading.Event()
+    threading.Thread(
+        target=_drain_watchdog,
+        args=(stop, done, settings.drain_timeout_s),
+        name="drain-watchdog",
+        daemon=True,
+    ).start()
+    try:
+        return worker.run()
+    finally:
+        done.set()
+
+
+def _drain_watchdog(stop: threading.Event, done: threading.Event, timeout_s: float) -> None:
+    """After SIGTERM the worker gets ``timeout_s`` to finish and ack its batch; past that it is stuck
+    (a hung device or socket), and exiting non-zero is better than never: whatever it still holds is
+    pending and another worker claims it."""
+    stop.wait()
+    if not done.wait(timeout_s):
+        log.error("drain did not finish within %.1fs; exiting without it", timeout_s)
+        logging.shutdown()
+        os._exit(1)

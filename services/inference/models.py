@@ -13,9 +13,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from shared.models.artifact import ArtifactError, Classifier, current_dir, load_artifact
 
 log = logging.getLogger(__name__)
+
+MODEL_SWAPS = Counter("genderlens_worker_model_swaps_total", "New model versions swapped in")
+MODEL_REFUSALS = Counter("genderlens_worker_model_refused_total", "Model artifacts refused as broken")
 
 
 class ModelManager:
@@ -30,6 +35,7 @@ class ModelManager:
         self.current: Classifier | None = None
         self._on_event = on_event or (lambda level, msg: None)
         self._seen: Path | None = None  # last pointer target tried (loaded or refused)
+        self._pointer_error: str | None = None  # reported once, not at every poll
         self._wake = threading.Event()
         self._lock = threading.Lock()
 
@@ -39,8 +45,11 @@ class ModelManager:
             try:
                 target = current_dir(self.models_dir)
             except ArtifactError as exc:
-                self._refuse(None, str(exc))
+                if str(exc) != self._pointer_error:
+                    self._pointer_error = str(exc)
+                    self._refuse(None, str(exc))
                 return False
+            self._pointer_error = None
             if target is None or target == self._seen:
                 return False
             self._seen = target
@@ -51,6 +60,7 @@ class ModelManager:
                 return False
             previous = self.current
             self.current = model  # the swap: workers pick it up at their next batch
+            MODEL_SWAPS.inc()
             log.info(
                 "serving model %s (was %s)",
                 model.meta.dirname,
@@ -61,6 +71,7 @@ class ModelManager:
 
     def _refuse(self, target: Path | None, reason: str) -> None:
         serving = self.current.meta.dirname if self.current else "none"
+        MODEL_REFUSALS.inc()
         log.error("refused model %s: %s (still serving %s)", target, reason, serving)
         self._on_event(
             "error", f"refused model {target.name if target else '?'}: {reason}; still serving {serving}"

@@ -2,15 +2,24 @@
 
 Loop: read up to ``batch_size`` entries (XREADGROUP COUNT/BLOCK across all frames streams), sort out
 what cannot or need not be processed (malformed -> dead letter, too old -> dropped as stale), run the
-pipeline on the rest, publish one result per frame, count, and XACK, all in one round trip. Entries a
-dead worker left pending are claimed after ``claim_idle_ms`` and get the same treatment; after
-``max_deliveries`` they are dead-lettered. Redis outages are ridden out with capped backoff; SIGTERM
-stops reading, finishes the batch in hand, acks it and exits 0.
+pipeline on the rest, and settle every entry in one round trip: ``shared.accounting.SETTLE_LUA`` acks it
+and, only if that ack settled it, counts the outcome and publishes its result or dead-letter record, so a
+frame is counted once even when a slow worker and a claimer race for it. Entries a dead worker left
+pending are claimed after ``claim_idle_ms`` and get the same treatment; after ``max_deliveries`` they
+are dead-lettered; claimed entries whose frame was trimmed meanwhile are counted evicted. Redis outages
+are ridden out with capped backoff (one log line per attempt); afterwards cameras are re-discovered and
+groups re-created. SIGTERM stops reading, finishes the batch in hand, acks it, leaves the group and
+exits 0.
+
+Validation is cheap and comes first: a message that is not a well-formed frame (not msgpack, wrong
+schema version, too big, absurd or inconsistent dimensions, a truncated or corrupt JPEG) is dead-lettered
+with the reason before anything decodes its pixels, whatever its age.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -23,10 +32,21 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ResponseError
 
 from services.inference.models import ModelManager
-from services.inference.pipeline import FrameError, Pipeline
+from services.inference.pipeline import FrameError, FrameOutput, Pipeline
 from services.inference.settings import InferenceSettings
 from shared import constants as C
-from shared.schema import MAX_MESSAGE_BYTES, Event, Frame, ModelRef, Result, SchemaError, Timestamps
+from shared.accounting import Accounting
+from shared.schema import (
+    FIELD,
+    MAX_DIMENSION,
+    MAX_MESSAGE_BYTES,
+    Event,
+    Frame,
+    ModelRef,
+    Result,
+    SchemaError,
+    Timestamps,
+)
 from shared.streams import REDIS_DOWN_ERRORS, Backoff, autoclaim, connect, ensure_group, stream_id_age_ms
 
 log = logging.getLogger(__name__)
@@ -43,6 +63,76 @@ LATENCY = Histogram(
 )
 STAGE = Histogram("genderlens_worker_stage_seconds", "Time per pipeline stage per batch", ["stage"])
 MODEL_INFO = Gauge("genderlens_worker_model_loaded", "1 when a classifier is loaded")
+CLAIMED = Counter(
+    "genderlens_worker_claimed_total", "Pending entries claimed from other consumers", ["camera"]
+)
+PENDING = Gauge("genderlens_worker_group_pending", "Entries delivered but not yet acked (group)", ["camera"])
+STREAM_LENGTH = Gauge("genderlens_worker_stream_length", "Entries in the camera's frames stream", ["camera"])
+REDIS_RETRIES = Counter("genderlens_worker_redis_retries_total", "Backoff waits for an unreachable Redis")
+LOST_RACES = Counter(
+    "genderlens_worker_already_settled_total", "Entries another worker settled first (not counted again)"
+)
+
+#: JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT C4, JPG C8, DAC CC).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: Markers without a length field.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, without decoding; raises ValueError with a reason.
+
+    Checked before decoding so that a decompression bomb (a tiny file declaring 60000x60000) or a
+    truncated upload never reaches the decoder, which would allocate for it or quietly return a
+    half-grey image."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        raise ValueError("corrupt JPEG: no start-of-image marker")
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ValueError("truncated JPEG: no end-of-image marker")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG: no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ValueError("corrupt JPEG: scan data before any frame header")
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise ValueError(f"corrupt JPEG: segment length {length}")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(data):
+                raise ValueError("truncated JPEG: frame header cut short")
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(width), int(height)
+        pos += 2 + length
+    raise ValueError("corrupt JPEG: no frame header")
+
+
+def validate(fields: dict[bytes, bytes], camera_id: str) -> Frame | str:
+    """The frame in a stream entry, or the reason it must be dead-lettered. Never raises."""
+    try:
+        frame = Frame.from_fields(fields)
+    except SchemaError as exc:
+        return exc.reason
+    except Exception as exc:  # a validator bug must not kill the worker: dead-letter and go on
+        return f"frame: unreadable ({type(exc).__name__})"
+    if frame.camera_id != camera_id:
+        return f"camera_id {frame.camera_id!r} on {camera_id}'s stream"
+    try:
+        width, height = jpeg_size(frame.jpeg)
+    except ValueError as exc:
+        return str(exc)
+    if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
+        return f"absurd JPEG dimensions {width}x{height}"
+    if (width, height) != (frame.width, frame.height):
+        return f"frame declares {frame.width}x{frame.height} but its JPEG is {width}x{height}"
+    return frame
 
 
 @dataclass
@@ -69,17 +159,23 @@ class Worker:
         self.models = models
         self.stop = stop
         self.name = name
+        # Blocking reads need a socket timeout longer than their BLOCK time (checked in main).
         self.client = client or connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s, name)
-        # Blocking reads need a socket timeout longer than their BLOCK time.
+        self.accounting = Accounting(self.client)
         self._streams: dict[str, str] = {}  # frames stream -> camera id
         self._next_cameras = 0.0
         self._next_claim = 0.0
+        self._next_model_events = 0.0
+        # Model events newer than our start wake the model manager (older ones were already applied
+        # by the pointer file we read at start-up).
+        self._model_events_id = f"{int(time.time() * 1000)}-0"
         self._claim_cursor: dict[str, bytes] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self._health = Path(settings.health_file) if settings.health_file else None
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
+        """Consume until ``stop`` is set (SIGTERM), riding out Redis outages. Returns the exit code."""
         backoff = Backoff(cap_s=5.0)
         log.info("worker %s consuming group %s", self.name, C.INFERENCE_GROUP)
         while not self.stop.is_set():
@@ -87,19 +183,30 @@ class Worker:
                 self._step()
                 backoff.reset()
             except REDIS_DOWN_ERRORS as exc:
-                self._streams.clear()  # Redis may come back empty: re-discover and re-create groups
+                self._forget_streams()  # Redis may come back empty: re-discover and re-create groups
+                REDIS_RETRIES.inc()
                 backoff.wait(self.stop, f"worker {self.name}", exc)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    log.warning("consumer group missing (Redis restarted?); recreating")
-                    self._streams.clear()
+                    log.warning("consumer group missing (Redis restarted?); re-discovering cameras")
+                    self._forget_streams()
                     continue
                 log.exception("redis error")
                 self.stop.wait(1.0)
+            except Exception:
+                # A bug must not stop the consumer: entries in hand stay pending, get claimed again
+                # and end dead-lettered after max_deliveries (or dropped as stale), never lost.
+                log.exception("unexpected error in the worker loop; continuing")
+                self.stop.wait(1.0)
             self._touch_health()
-        self._heartbeat(final=True)
+        self._leave()
         log.info("worker %s stopped: %s", self.name, dict(self.counts))
         return 0
+
+    def _forget_streams(self) -> None:
+        self._streams.clear()
+        self._claim_cursor.clear()
+        self._next_cameras = 0.0
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -107,25 +214,46 @@ class Worker:
             self._refresh_cameras()
             self._heartbeat()
             self._next_cameras = now + self.settings.cameras_refresh_s
+        if now >= self._next_model_events:
+            self._poll_model_events()
+            self._next_model_events = now + 0.5
         if not self._streams:
             self.stop.wait(min(0.2, self.settings.cameras_refresh_s))
             return
-        if now >= self._next_claim:
+        if now >= self._next_claim and not self.stop.is_set():
             self._next_claim = now + self.settings.claim_idle_ms / 2000
             claimed = self._claim()
             if claimed:
                 self.handle(claimed)
+        if self.stop.is_set():  # SIGTERM: take no new work
+            return
         entries = self._read(self.settings.batch_size, self.settings.block_ms)
         if entries and len(entries) < self.settings.batch_size and self.settings.max_wait_ms > 0:
             # Micro-batching: give other frames up to max_wait_ms to join the batch.
             deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-            while len(entries) < self.settings.batch_size and time.monotonic() < deadline:
+            while (
+                len(entries) < self.settings.batch_size
+                and time.monotonic() < deadline
+                and not self.stop.is_set()
+            ):
                 more = self._read(self.settings.batch_size - len(entries), 1)
                 if not more:
                     break
                 entries.extend(more)
         if entries:
+            # Even if stop was set meanwhile: these are delivered to us, so finish and ack them.
             self.handle(entries)
+
+    def _poll_model_events(self) -> None:
+        """A non-blocking XREAD of the model-events stream: a promote/rollback wakes the model
+        manager at once instead of at its next poll."""
+        reply: Any = self.client.xread({C.MODEL_EVENTS_STREAM: self._model_events_id}, count=16)
+        if not reply:
+            return
+        items = reply[0][1]
+        self._model_events_id = items[-1][0].decode()
+        log.info("model event received: checking the current model now")
+        self.models.wake()
 
     def _refresh_cameras(self) -> None:
         keys: Any = self.client.hkeys(C.CAMERAS_KEY)
@@ -169,15 +297,11 @@ class Worker:
                 count=64,
             )
             self._claim_cursor[stream] = result.next_id
-            if result.deleted:
-                # Pending entries trimmed from the stream before anyone processed them: evicted.
-                pipe = self.client.pipeline(transaction=False)
-                pipe.xack(stream, C.INFERENCE_GROUP, *result.deleted)
-                pipe.hincrby(C.stats_key(camera_id), C.STAT_EVICTED, len(result.deleted))
-                pipe.execute()
-                self.counts["evicted"] += len(result.deleted)
+            if result.deleted or result.deleted_pending:
+                self._evict_trimmed(stream, camera_id, result.deleted, result.deleted_pending)
             if not result.entries:
                 continue
+            CLAIMED.labels(camera_id).inc(len(result.entries))
             deliveries = self._delivery_counts(stream, [e[0] for e in result.entries])
             for entry_id, fields in result.entries:
                 claimed.append(Entry(stream, camera_id, entry_id, fields, deliveries.get(entry_id, 1)))
@@ -185,43 +309,66 @@ class Worker:
             log.info("claimed %d pending entries from dead or slow workers", len(claimed))
         return claimed
 
+    def _evict_trimmed(
+        self, stream: str, camera_id: str, deleted: list[bytes], deleted_pending: list[bytes]
+    ) -> None:
+        """Pending entries whose frame was trimmed from the stream before anyone finished it: evicted.
+
+        Redis 7 already dropped ``deleted`` from the pending list (only this claimer saw them), so they
+        are counted directly; Redis 6.2 left ``deleted_pending`` pending, so they are settled (acked,
+        and counted only if the ack removed them)."""
+        pipe = self.client.pipeline(transaction=False)
+        if deleted:
+            pipe.hincrby(C.stats_key(camera_id), C.STAT_EVICTED, len(deleted))
+        for entry_id in deleted_pending:
+            self.accounting.settle(pipe, stream, camera_id, entry_id, C.STAT_EVICTED)
+        replies = pipe.execute()
+        settled = len(deleted) + sum(int(r) for r in replies[1 if deleted else 0 :])
+        if settled:
+            log.info("%d pending entries of %s were trimmed before processing: evicted", settled, stream)
+            FRAMES.labels(camera_id, C.STAT_EVICTED).inc(settled)
+            self.counts[C.STAT_EVICTED] += settled
+
     def _delivery_counts(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        first, last = min(ids), max(ids)
-        rows: Any = self.client.xpending_range(stream, C.INFERENCE_GROUP, first, last, len(ids) + 16)
+        # Just claimed, so they are all ours: filtering on our name keeps the range small.
+        rows: Any = self.client.xpending_range(
+            stream, C.INFERENCE_GROUP, min(ids), max(ids), len(ids) + 64, consumername=self.name
+        )
         return {bytes(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     # -- handling ----------------------------------------------------------------------------------
     def handle(self, entries: list[Entry]) -> None:
+        """Sort, process and settle one batch; every entry ends acked with exactly one outcome."""
         read_at = time.time()
         pipe = self.client.pipeline(transaction=False)
+        settles: list[tuple[Entry, str]] = []  # in the pipeline's order, to read its replies back
         good: list[tuple[Entry, Frame]] = []
         for entry in entries:
             if entry.deliveries > self.settings.max_deliveries:
-                self._dead_letter(pipe, entry, f"gave up after {entry.deliveries - 1} deliveries")
+                reason = f"gave up after {entry.deliveries - 1} deliveries"
+                settles.append((entry, self._dead_letter(pipe, entry, reason)))
                 continue
-            try:
-                frame = Frame.from_fields(entry.fields)
-            except SchemaError as exc:
-                self._dead_letter(pipe, entry, exc.reason)
-                continue
-            if frame.camera_id != entry.camera_id:
-                self._dead_letter(pipe, entry, f"camera_id {frame.camera_id!r} on {entry.camera_id}'s stream")
+            checked = validate(entry.fields, entry.camera_id)
+            if isinstance(checked, str):
+                settles.append((entry, self._dead_letter(pipe, entry, checked)))
                 continue
             if stream_id_age_ms(entry.entry_id, read_at) > self.settings.staleness_ms:
-                self._count(pipe, entry, C.STAT_DROPPED_STALE)
+                # Nobody will see a result this late: do not spend compute on it.
+                self.accounting.settle(
+                    pipe, entry.stream, entry.camera_id, entry.entry_id, C.STAT_DROPPED_STALE
+                )
+                settles.append((entry, C.STAT_DROPPED_STALE))
                 continue
-            good.append((entry, frame))
+            good.append((entry, checked))
         classifier = self.models.current  # read once: a swap takes effect between batches
         MODEL_INFO.set(1 if classifier else 0)
         if good:
             BATCH.observe(len(good))
-            outputs = self.pipeline.process(
-                [f.jpeg for _, f in good], classifier, self.settings.uncertain_threshold
-            )
+            outputs = self._process(good, classifier)
             model = ModelRef(classifier.meta.name, classifier.meta.version) if classifier else None
             for (entry, frame), out in zip(good, outputs, strict=True):
                 if isinstance(out, FrameError):
-                    self._dead_letter(pipe, entry, out.reason)
+                    settles.append((entry, self._dead_letter(pipe, entry, out.reason or "unprocessable")))
                     continue
                 STAGE.labels("detect").observe(out.detected_at - read_at)
                 STAGE.labels("classify").observe(out.classified_at - out.detected_at)
@@ -239,63 +386,117 @@ class Worker:
                     worker=self.name,
                     faces=out.faces,
                 )
-                pipe.xadd(
-                    C.results_stream(frame.camera_id),
-                    result.to_fields(),
-                    maxlen=self.settings.results_maxlen,
-                    approximate=True,
+                self.accounting.settle(
+                    pipe,
+                    entry.stream,
+                    entry.camera_id,
+                    entry.entry_id,
+                    C.STAT_PROCESSED,
+                    output=C.results_stream(frame.camera_id),
+                    output_fields=result.to_fields(),
+                    output_maxlen=self.settings.results_maxlen,
                 )
-                self._count(pipe, entry, C.STAT_PROCESSED)
+                settles.append((entry, C.STAT_PROCESSED))
                 FACES.labels(frame.camera_id).inc(len(out.faces))
                 LATENCY.observe(published - frame.captured_at)
-        pipe.execute()
+        replies = pipe.execute()
+        for (entry, stat), settled in zip(settles, replies, strict=True):
+            if settled:
+                FRAMES.labels(entry.camera_id, stat).inc()
+                self.counts[stat] += 1
+            else:
+                # Another worker claimed and settled it while we worked (we were slow, not dead).
+                LOST_RACES.inc()
+                log.info("%s %s was already settled by another worker", entry.stream, entry.entry_id.decode())
 
-    def _count(self, pipe: Any, entry: Entry, stat: str) -> None:
-        pipe.hincrby(C.stats_key(entry.camera_id), stat, 1)
-        pipe.xack(entry.stream, C.INFERENCE_GROUP, entry.entry_id)
-        FRAMES.labels(entry.camera_id, stat).inc()
-        self.counts[stat] += 1
+    def _process(self, good: list[tuple[Entry, Frame]], classifier: Any) -> list[FrameOutput | FrameError]:
+        """Run the pipeline on the batch; if it raises, run the frames one by one so that a single
+        poisonous frame is dead-lettered alone instead of taking the batch (or the worker) down."""
+        jpegs = [f.jpeg for _, f in good]
+        try:
+            return self.pipeline.process(jpegs, classifier, self.settings.uncertain_threshold)
+        except Exception:
+            log.exception("pipeline failed on a batch of %d; retrying frame by frame", len(jpegs))
+        outputs: list[FrameOutput | FrameError] = []
+        for jpeg in jpegs:
+            try:
+                outputs.extend(self.pipeline.process([jpeg], classifier, self.settings.uncertain_threshold))
+            except Exception as exc:
+                outputs.append(FrameError(f"processing failed: {type(exc).__name__}: {exc}"[:300]))
+        return outputs
 
-    def _dead_letter(self, pipe: Any, entry: Entry, reason: str) -> None:
+    def _dead_letter(self, pipe: Any, entry: Entry, reason: str) -> str:
         log.warning("dead-lettering %s %s: %s", entry.stream, entry.entry_id.decode(), reason)
-        raw = entry.fields.get(b"m", b"")
-        pipe.xadd(
-            C.DEADLETTER_STREAM,
-            {
-                "stream": entry.stream,
-                "id": entry.entry_id,
-                "reason": reason[:500],
-                "worker": self.name,
-                "at": str(time.time()),
-                # keep the payload for inspection unless it is itself the problem (too big)
-                "payload": raw if isinstance(raw, bytes) and len(raw) <= MAX_MESSAGE_BYTES else b"",
-            },
-            maxlen=C.DEADLETTER_MAXLEN,
-            approximate=True,
+        raw = entry.fields.get(FIELD, b"")
+        record = {
+            "stream": entry.stream,
+            "camera": entry.camera_id,
+            "id": entry.entry_id,
+            "reason": reason[:500],
+            "deliveries": entry.deliveries,
+            "worker": self.name,
+            "at": str(time.time()),
+            # keep the payload for inspection unless it is itself the problem (too big)
+            "payload": raw if isinstance(raw, bytes) and len(raw) <= MAX_MESSAGE_BYTES else b"",
+        }
+        self.accounting.settle(
+            pipe,
+            entry.stream,
+            entry.camera_id,
+            entry.entry_id,
+            C.STAT_DEAD_LETTERED,
+            output=C.DEADLETTER_STREAM,
+            output_fields=record,
+            output_maxlen=C.DEADLETTER_MAXLEN,
         )
-        self._count(pipe, entry, C.STAT_DEAD_LETTERED)
+        return C.STAT_DEAD_LETTERED
 
     # -- liveness ----------------------------------------------------------------------------------
-    def _heartbeat(self, final: bool = False) -> None:
+    def _heartbeat(self) -> None:
+        """Refresh the worker's key and the queue gauges (stream length, group pending)."""
         key = C.worker_key(self.name)
+        model = self.models.current
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(
+            key,
+            mapping={
+                "name": self.name,
+                "model": model.meta.dirname if model else "",
+                "processed": self.counts[C.STAT_PROCESSED],
+                "at": time.time(),
+            },
+        )
+        pipe.expire(key, C.WORKER_HEARTBEAT_TTL_S)
+        cameras = list(self._streams.items())
+        for stream, _ in cameras:
+            pipe.xlen(stream)
+            pipe.xpending(stream, C.INFERENCE_GROUP)
+        replies = pipe.execute(raise_on_error=False)
+        for i, (_, camera_id) in enumerate(cameras):
+            length, pending = replies[2 + 2 * i], replies[3 + 2 * i]
+            if isinstance(length, int):
+                STREAM_LENGTH.labels(camera_id).set(length)
+            if isinstance(pending, dict):
+                PENDING.labels(camera_id).set(int(pending.get("pending") or 0))
+
+    def _leave(self) -> None:
+        """On a clean exit: drop the heartbeat key, leave the group if we hold nothing, close."""
         try:
-            if final:
-                self.client.delete(key)
-                return
-            model = self.models.current
-            self.client.hset(
-                key,
-                mapping={
-                    "name": self.name,
-                    "model": model.meta.dirname if model else "",
-                    "processed": self.counts[C.STAT_PROCESSED],
-                    "at": time.time(),
-                },
-            )
-            self.client.expire(key, C.WORKER_HEARTBEAT_TTL_S)
-        except REDIS_DOWN_ERRORS:
-            if not final:
-                raise
+            self.client.delete(C.worker_key(self.name))
+            for stream in self._streams:
+                rows: Any = self.client.xpending_range(
+                    stream, C.INFERENCE_GROUP, "-", "+", 1, consumername=self.name
+                )
+                # DELCONSUMER would silently drop our pending entries; with some left (a failed ack
+                # during an outage), stay a member so that another worker claims them.
+                if not rows:
+                    self.client.xgroup_delconsumer(stream, C.INFERENCE_GROUP, self.name)
+                else:
+                    log.warning("leaving %s with pending entries: another worker will claim them", stream)
+        except redis.RedisError as exc:
+            log.warning("could not leave the consumer group cleanly: %s", exc)
+        finally:
+            self.client.close()
 
     def _touch_health(self) -> None:
         if self._health is not None:
