@@ -317,3 +317,37 @@ class Event(_Message):
             message=str(_req(obj, "message", str, cls.KIND)),
             at=float(_req(obj, "at", (float, int), cls.KIND)),
         )
+
+
+#: Actions a :class:`CameraRequest` may carry.
+CAMERA_REQUEST_ACTIONS: Final = ("add", "remove")
+
+
+@dataclass(frozen=True, slots=True)
+class CameraRequest(_Message):
+    """Asks the supervisor (``genderlens up``) to start or stop a capture process; written by the
+    viewer API to ``CAMERA_REQUESTS_STREAM``. ``source`` is the capture source spec ("" for remove)."""
+
+    KIND: ClassVar[str] = "camera_request"
+    action: str  #: "add" | "remove"
+    camera_id: str
+    source: str
+    at: float
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> Self:
+        obj = _unpack_fields(fields, cls.KIND)
+        action = str(_req(obj, "action", str, cls.KIND))
+        if action not in CAMERA_REQUEST_ACTIONS:
+            raise SchemaError(f"{cls.KIND}: unknown action {action[:20]!r}")
+        source = str(_req(obj, "source", str, cls.KIND))
+        if action == "add" and not source.strip():
+            raise SchemaError(f"{cls.KIND}: an add request needs a source")
+        if len(source) > 4096:
+            raise SchemaError(f"{cls.KIND}: source spec too long")
+        return cls(
+            action=action,
+            camera_id=_camera_id(obj, cls.KIND),
+            source=source,
+            at=float(_req(obj, "at", (float, int), cls.KIND)),
+        )

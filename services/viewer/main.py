@@ -1,0 +1,65 @@
+"""``genderlens view``: serve the live wall, the annotated streams and the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pydantic import ValidationError
+
+from services.viewer.settings import ViewerSettings
+from shared.runtime import setup_logging
+from shared.streams import redact_url
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to bind (env GENDERLENS_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (env GENDERLENS_PORT; default 8000)")
+    parser.add_argument("--redis-url", help="Redis URL (env GENDERLENS_REDIS_URL)")
+    parser.add_argument(
+        "--blur-faces", action="store_true", default=None, help="blur every face in the served video"
+    )
+
+
+def load_settings(args: argparse.Namespace) -> ViewerSettings:
+    try:
+        return ViewerSettings().with_overrides(
+            host=args.host,
+            port=args.port,
+            redis_url=args.redis_url,
+            blur_faces=getattr(args, "blur_faces", None),
+        )
+    except ValidationError as exc:
+        # e.g. a non-localhost bind without a token: refuse to start, say why.
+        messages = "; ".join(str(err.get("msg", err)) for err in exc.errors())
+        raise SystemExit(f"genderlens view: invalid settings: {messages}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    setup_logging(settings.log_level)
+    import uvicorn
+
+    from services.viewer.app import create_app
+
+    app = create_app(settings)
+    log.info(
+        "viewer on http://%s:%d (redis %s, token %s, blur %s)",
+        settings.host,
+        settings.port,
+        redact_url(settings.redis_url.get_secret_value()),
+        "required" if settings.viewer_token else "off",
+        "on" if settings.blur_faces else "off",
+    )
+    # Access logs off: every MJPEG client and API poll would log a line per request.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+    return 0

@@ -1,0 +1,230 @@
+"""What the viewer knows, in memory only: per-camera ring buffers of recent frames, the latest results
+paired with their frames, tracks, and the figures the page shows. Nothing is written to disk.
+
+The reader task is the only writer; request handlers read. Everything runs on one event loop, so no
+locks are needed; waiters are woken through a per-camera ``asyncio.Event`` that is replaced on every
+change (whoever holds the old one is woken exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFace
+from shared.schema import CameraInfo, Event, Frame, Result
+
+#: Camera status values the page and API show.
+LIVE = "live"
+NO_SIGNAL = "no_signal"
+RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedFrame:
+    entry_id: str
+    frame: Frame
+    received_at: float  #: wall clock when the viewer read it
+
+
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """A frame and the result that belongs to it, with its tracked faces: what gets drawn."""
+
+    frame: BufferedFrame
+    result: Result
+    faces: tuple[TrackedFace, ...]
+    received_at: float  #: when the result reached the viewer
+
+    @property
+    def latency_ms(self) -> float:
+        """End to end: capture -> result in the viewer's hands."""
+        return (self.received_at - self.result.timestamps.captured) * 1000
+
+
+class RateMeter:
+    """Events per second over a sliding window (frames received, results received)."""
+
+    def __init__(self, window_s: float = 3.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def tick(self, now: float | None = None) -> None:
+        self._times.append(time.monotonic() if now is None else now)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], 1e-3)
+        return (len(self._times) - 1) / span if span < self.window_s else len(self._times) / self.window_s
+
+
+@dataclass
+class CameraView:
+    camera_id: str
+    buffer_size: int
+    tracker: FaceTracker
+    info: CameraInfo | None = None
+    alive: bool = False  #: heartbeat key present
+    frames: deque[BufferedFrame] = field(default_factory=deque)
+    shown: Shown | None = None
+    latest_result: Result | None = None
+    latest_faces: tuple[TrackedFace, ...] = ()
+    latest_result_at: float = 0.0
+    last_frame_at: float = 0.0  #: wall clock of the newest frame (capture time when seeded at start)
+    frame_rate: RateMeter = field(default_factory=RateMeter)
+    result_rate: RateMeter = field(default_factory=RateMeter)
+    frames_seen: int = 0
+    results_seen: int = 0
+    unpaired_results: int = 0
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.frames = deque(maxlen=self.buffer_size)
+
+    # -- change notification -----------------------------------------------------------------------
+    def notify(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set at the next change; take it *before* looking at the state to never miss one."""
+        return self._changed
+
+    # -- writers (reader task) ---------------------------------------------------------------------
+    def add_frame(self, entry_id: str, frame: Frame, received_at: float) -> None:
+        self.frames.append(BufferedFrame(entry_id, frame, received_at))
+        self.last_frame_at = max(self.last_frame_at, received_at)
+        self.frame_rate.tick()
+        self.frames_seen += 1
+        self.notify()
+
+    def add_result(self, result: Result, received_at: float) -> tuple[TrackedFace, ...]:
+        faces = tuple(self.tracker.update(result))
+        self.results_seen += 1
+        self.result_rate.tick()
+        if self.latest_result is None or result.seq >= self.latest_result.seq:
+            self.latest_result, self.latest_faces, self.latest_result_at = result, faces, received_at
+        frame = self.find_frame(result.frame_id, result.seq)
+        if frame is None:
+            self.unpaired_results += 1  # its frame already left the ring buffer (or was never seen)
+        elif self.shown is None or result.seq > self.shown.result.seq or self._restarted(result):
+            self.shown = Shown(frame, result, faces, received_at)
+            self.notify()
+        return faces
+
+    def _restarted(self, result: Result) -> bool:
+        return self.shown is not None and result.seq < self.shown.result.seq - 1000
+
+    def find_frame(self, frame_id: str, seq: int) -> BufferedFrame | None:
+        for item in reversed(self.frames):
+            if item.entry_id == frame_id:
+                return item
+        return None
+
+    def clear_frames(self) -> None:
+        self.frames.clear()
+        self.shown = None
+        self.notify()
+
+    # -- readers -----------------------------------------------------------------------------------
+    @property
+    def latest_frame(self) -> BufferedFrame | None:
+        return self.frames[-1] if self.frames else None
+
+    def last_frame_age_s(self, now: float | None = None) -> float | None:
+        if not self.last_frame_at:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.last_frame_at)
+
+    def status(self, redis_ok: bool, no_signal_after_s: float, now: float | None = None) -> str:
+        if not redis_ok:
+            return RECONNECTING
+        age = self.last_frame_age_s(now)
+        if (
+            not self.alive
+            or self.info is None
+            or self.info.status != LIVE
+            or age is None
+            or age > no_signal_after_s
+        ):
+            return NO_SIGNAL
+        return LIVE
+
+    def counts(self) -> dict[str, int]:
+        """Faces in view by shown label (from the newest result)."""
+        counts: dict[str, int] = {"faces": len(self.latest_faces), "female": 0, "male": 0, UNCERTAIN: 0}
+        for face in self.latest_faces:
+            key = face.label if face.label != NO_MODEL else "no_model"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+class Subscribers:
+    """Fan-out of JSON messages to WebSocket clients. Each has a small bounded queue; a slow client
+    loses its oldest messages instead of holding up the reader or growing memory."""
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.maxsize)
+        self._queues.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._queues.discard(queue)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        for queue in self._queues:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(message)
+
+
+@dataclass
+class ViewerState:
+    frame_buffer: int
+    uncertain_threshold: float
+    cameras: dict[str, CameraView] = field(default_factory=dict)
+    redis_ok: bool = False
+    redis_error: str | None = None
+    ever_connected: bool = False
+    events: deque[tuple[str, Event]] = field(default_factory=lambda: deque(maxlen=50))
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any] | None = None  #: model seen in the newest result of any camera
+    model_event: dict[str, Any] | None = None  #: newest announcement on the model events stream
+    subscribers: Subscribers = field(default_factory=Subscribers)
+    _cameras_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def camera(self, camera_id: str) -> CameraView:
+        view = self.cameras.get(camera_id)
+        if view is None:
+            view = CameraView(camera_id, self.frame_buffer, FaceTracker(self.uncertain_threshold))
+            self.cameras[camera_id] = view
+        return view
+
+    def remove_camera(self, camera_id: str) -> None:
+        view = self.cameras.pop(camera_id, None)
+        if view is not None:
+            view.notify()  # wakes its streams so they notice the camera is gone and end
+
+    def refused_events(self) -> list[dict[str, Any]]:
+        return [
+            {"id": eid, **ev.to_dict()}
+            for eid, ev in self.events
+            if ev.message.startswith("refused model") or "refused" in ev.message
+        ]
