@@ -42,6 +42,8 @@ STRIDES: tuple[int, ...] = (8, 16, 32)
 #: OpenCV pads the network input to a multiple of this (the coarsest stride).
 DIVISOR = 32
 NUM_KPS = 5
+#: Head outputs per cell: cls logit, obj logit, bbox (4), landmarks (10).
+_HEAD_CHANNELS = 2 + 4 + NUM_KPS * 2
 
 #: Backbone stage channels and shared head convs per checkpoint (libfacedetection.train configs
 #: yunet_s / yunet_n; also checked by the strict state_dict load).
@@ -78,6 +80,18 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """1x1 conv. On CPU, single-threaded, PyTorch picks its own GEMM path for 1x1 kernels, which measured
+    2x slower here than oneDNN's (it picks oneDNN itself with more threads or a batch >= 16); call
+    oneDNN directly for fp32 CPU inputs so speed does not depend on the thread count."""
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, (0, 0), (1, 1), (1, 1), 1)
+    return conv(x)
+
+
 class ConvDPUnit(nn.Module):
     """1x1 conv, then depthwise 3x3 conv, then (optionally) BN + ReLU."""
 
@@ -94,8 +108,10 @@ class ConvDPUnit(nn.Module):
             self.bn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv2(self.conv1(x)))
-        return F.relu(x) if self.with_bn_relu else x
+        x = _pointwise(x, self.conv1)
+        x = self.bn(self.conv2(x))
+        # In place: inference only, and it saves a pass over the largest activations.
+        return F.relu(x, inplace=True) if self.with_bn_relu else x
 
 
 class ConvHead(nn.Module):
@@ -187,12 +203,44 @@ class YuNetHead(nn.Module):
             ConvDPUnit(in_channels, NUM_KPS * 2, False) for _ in range(levels)
         )
 
+        #: Set by ``merge``: per level one ConvDPUnit computing all 16 outputs at once.
+        self.merged: nn.ModuleList | None = None
+
+    def merge(self) -> None:
+        """Stack the four output branches of each level into one 1x1 conv + one depthwise conv.
+
+        Exact: the 1x1 convs only stack output channels and the depthwise convs act per channel, so the
+        merged unit computes the same 16 channels in the same order, in 2 ops per level instead of 8.
+        """
+        merged = []
+        for i in range(len(self.multi_level_cls)):
+            parts: list[ConvDPUnit] = [
+                branch[i]  # type: ignore[misc]
+                for branch in (
+                    self.multi_level_cls,
+                    self.multi_level_obj,
+                    self.multi_level_bbox,
+                    self.multi_level_kps,
+                )
+            ]
+            unit = ConvDPUnit(parts[0].conv1.in_channels, _HEAD_CHANNELS, False)
+            with torch.no_grad():
+                for name in ("conv1", "conv2"):
+                    dst = getattr(unit, name)
+                    dst.weight.copy_(torch.cat([getattr(p, name).weight for p in parts]))
+                    dst.bias.copy_(torch.cat([getattr(p, name).bias for p in parts]))
+            merged.append(unit)
+        self.merged = nn.ModuleList(merged)
+
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Return per level one [B, 16, H, W] map: cls logit, obj logit, bbox (4), kps (10)."""
         out = []
         for i, feat in enumerate(feats):
             if self.shared_convs > 0:
                 feat = self.multi_level_share_convs[i](feat)
+            if self.merged is not None:
+                out.append(self.merged[i](feat))
+                continue
             out.append(
                 torch.cat(
                     [
@@ -221,10 +269,14 @@ class YuNet(nn.Module):
         self.bbox_head = YuNetHead(out_channels[0], shared_convs)
 
     def fuse(self) -> YuNet:
-        """Fold every BatchNorm into the conv before it (eval only; the state_dict layout changes)."""
+        """For inference: fold every BatchNorm into the conv before it and merge the head branches.
+
+        Same outputs up to float rounding; the state_dict layout changes, so load weights first.
+        """
         for module in self.modules():
             if isinstance(module, ConvHead | Conv4LayerBlock | ConvDPUnit):
                 module.fuse()
+        self.bbox_head.merge()
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -310,7 +362,7 @@ def decode(
             indexing="ij",
         )
         grid = torch.stack([xs, ys], dim=-1).reshape(1, rows * cols, 1, 2)  # (col, row) per cell
-        m = m.permute(0, 2, 3, 1).reshape(batch, rows * cols, 16)
+        m = m.permute(0, 2, 3, 1).reshape(batch, rows * cols, _HEAD_CHANNELS)
         # OpenCV clamps the sigmoid outputs to [0, 1] before the geometric mean; sigmoid already is.
         score = torch.sqrt(torch.sigmoid(m[..., 0]) * torch.sigmoid(m[..., 1]))
         centre = (m[..., 2:4] + grid[:, :, 0]) * stride
@@ -348,6 +400,8 @@ class TorchYuNet:
     """Batched YuNet. ``detect`` takes numpy BGR frames of any sizes; ``detect_tensor`` a uint8 batch."""
 
     name = "torch-yunet"
+    #: Frames per forward pass on CPU (see ``_run``); 1 was fastest for 640x480 on a 2-core EPYC.
+    cpu_chunk = 1
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
@@ -449,8 +503,12 @@ class TorchYuNet:
         autocast: AbstractContextManager[object] = (
             torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
         )
+        # On CPU a batch's activations outgrow the caches (8 frames of 640x480 need ~40 MB at stride 2)
+        # and throughput drops, so the network sees a few frames at a time; decode + NMS stay batched.
+        chunk = self.cpu_chunk if self.device.type == "cpu" else x.shape[0]
         with autocast:
-            maps = self.model(x)
+            parts = [self.model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+        maps = parts[0] if len(parts) == 1 else [torch.cat(level) for level in zip(*parts, strict=True)]
         decoded = decode(maps, self.config.score_threshold, self.config.nms_threshold, self.config.top_k)
         out = []
         for (xywh, kps, scores), lb in zip(decoded, boxes, strict=True):
