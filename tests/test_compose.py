@@ -443,6 +443,24 @@ def test_the_documented_overrides_resolve(tmp_path: Path) -> None:
         assert env_of(capture)["GENDERLENS_SOURCE"] != "0"
 
 
+def test_the_documented_cpu_worker_override_resolves(tmp_path: Path) -> None:
+    """docs/deploy.md's override for a CPU-only worker host drops the GPU reservation."""
+    blocks = DOC_OVERRIDE.findall((REPO / "docs" / "deploy.md").read_text())
+    assert len(blocks) == 1
+    override = tmp_path / "override.yml"
+    override.write_text(blocks[0])
+    env = {
+        "GENDERLENS_REDIS_URL": WORKERS_URL,
+        "GENDERLENS_WORKER_TARGET": "inference",
+        "GENDERLENS_DEVICE": "cpu",
+    }
+    worker = resolved(tmp_path, (WORKERS, str(override)), env)["services"]["inference"]
+    assert not gpu_devices(worker)
+    assert worker["build"]["target"] == "inference"
+    assert env_of(worker)["GENDERLENS_DEVICE"] == "cpu"
+    assert not worker["image"].endswith("-gpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # settings: documented in .env.example and passed to the containers
 
