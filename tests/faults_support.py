@@ -244,3 +244,59 @@ def log_result(name: str, **values: Any) -> None:
     except OSError:
         pass
     sys.stdout.flush()
+
+
+# -- model artifacts ----------------------------------------------------------------------------------
+def make_artifact(models_dir: Path, version: str, created_at: str, make_current: bool = True) -> Any:
+    """A small, untrained but complete ``gendernet`` (width 8) artifact, published for real."""
+    import torch
+
+    from shared.models.archs import build_model
+    from shared.models.artifact import ModelMeta, publish
+    from shared.preprocess import PREPROCESS_VERSION
+
+    torch.manual_seed(sum(version.encode()))
+    meta = ModelMeta(
+        name="gendernet",
+        version=version,
+        arch="gendernet",
+        arch_config={"width": 8},
+        classes=["female", "male"],
+        input_size=64,
+        margin=1.0,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        preprocess_version=PREPROCESS_VERSION,
+        uncertain_threshold=0.0,
+        created_at=created_at,
+    )
+    publish(models_dir, build_model("gendernet", 2, width=8), meta, make_current=make_current)
+    return meta
+
+
+CORRUPTIONS = ("truncated_weights", "wrong_shapes", "bad_json", "missing_weights")
+
+
+def make_corrupt_artifact(models_dir: Path, version: str, created_at: str, how: str) -> Any:
+    """A published artifact broken in one of ``CORRUPTIONS`` ways, then made current."""
+    import json
+
+    from shared.models.artifact import META_FILE, WEIGHTS_FILE, set_current
+
+    meta = make_artifact(models_dir, version, created_at, make_current=False)
+    folder = models_dir / meta.dirname
+    weights, meta_file = folder / WEIGHTS_FILE, folder / META_FILE
+    if how == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    elif how == "wrong_shapes":  # metadata says width 16, the weights are width 8
+        data = json.loads(meta_file.read_text())
+        data["arch_config"] = {"width": 16}
+        meta_file.write_text(json.dumps(data))
+    elif how == "bad_json":
+        meta_file.write_text(meta_file.read_text()[:-40] + "}{")
+    elif how == "missing_weights":
+        weights.unlink()
+    else:
+        raise ValueError(how)
+    set_current(models_dir, meta.dirname)
+    return meta

@@ -1,0 +1,260 @@
+"""Fault handling in-process and fast: message validation (hypothesis), K-delivery dead-lettering, a
+frame that crashes the pipeline, and the model manager refusing broken artifacts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.inference.models import ModelManager
+from services.inference.pipeline import FrameError, FrameOutput
+from services.inference.settings import InferenceSettings
+from services.inference.worker import Worker, jpeg_size, validate
+from shared import constants as C
+from shared.accounting import Accounting, read_stats, unaccounted
+from shared.redis_server import RedisServer
+from shared.schema import MAX_MESSAGE_BYTES, Frame
+from tests.faults_support import CORRUPTIONS, make_artifact, make_corrupt_artifact, redis_binaries
+
+CAM = "unitcam"
+
+
+def _jpeg(width: int = 64, height: int = 48) -> bytes:
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[:, : width // 2] = (40, 120, 200)
+    ok, buf = cv2.imencode(".jpg", image)
+    assert ok
+    return buf.tobytes()
+
+
+JPEG = _jpeg()
+
+
+def _frame(**overrides: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "schema_version": 1,
+        "kind": "frame",
+        "camera_id": CAM,
+        "seq": 1,
+        "captured_at": time.time(),
+        "width": 64,
+        "height": 48,
+        "jpeg": JPEG,
+    }
+    obj.update(overrides)
+    return obj
+
+
+def _fields(obj: Any) -> dict[bytes, bytes]:
+    return {b"m": msgpack.packb(obj, use_bin_type=True)}
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def test_a_good_frame_validates() -> None:
+    frame = validate(_fields(_frame()), CAM)
+    assert isinstance(frame, Frame) and frame.width == 64
+    assert jpeg_size(JPEG) == (64, 48)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"m": b"\xc1not msgpack at all"}, "not msgpack"),
+        ({b"x": b"no m field"}, "missing field"),
+        (_fields(_frame(schema_version=2)), "schema_version"),
+        (_fields(_frame(width=100_000)), "absurd dimensions"),
+        (_fields(_frame(width=0)), "absurd dimensions"),
+        (_fields(_frame(width=640, height=480)), "declares 640x480"),
+        (_fields(_frame(jpeg=JPEG[: len(JPEG) // 2])), "truncated JPEG"),
+        (_fields(_frame(jpeg=b"\xff\xd8" + bytes(200) + b"\xff\xd9")), "corrupt JPEG"),
+        (_fields(_frame(camera_id="other")), "on unitcam's stream"),
+        (_fields(_frame(camera_id="../../etc")), "invalid camera_id"),
+        ({b"m": b"\x00" * (MAX_MESSAGE_BYTES + 1)}, "exceeds"),
+        (_fields([1, 2, 3]), "not a map"),
+    ],
+)
+def test_each_kind_of_bad_message_gets_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
+    result = validate(fields, CAM)
+    assert isinstance(result, str) and reason in result
+
+
+def test_a_jpeg_declaring_absurd_dimensions_is_refused_before_decoding() -> None:
+    data = bytearray(_jpeg())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    result = validate(_fields(_frame(jpeg=bytes(data))), CAM)
+    assert isinstance(result, str) and "absurd JPEG dimensions 60000x60000" in result
+
+
+@given(cut=st.integers(min_value=0, max_value=len(JPEG) - 1))
+def test_every_truncation_of_a_jpeg_is_refused(cut: int) -> None:
+    result = validate(_fields(_frame(jpeg=JPEG[:cut])), CAM)
+    assert isinstance(result, str)
+
+
+#: msgpack's integer range
+_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+_values = st.one_of(
+    st.none(), st.booleans(), _ints, st.floats(), st.text(max_size=20), st.binary(max_size=64)
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=st.one_of(
+        st.binary(max_size=512),
+        st.dictionaries(st.text(max_size=12), _values, max_size=8).map(lambda d: msgpack.packb(d)),
+        st.fixed_dictionaries(
+            {
+                "schema_version": _ints,
+                "kind": st.sampled_from(["frame", "result", ""]),
+                "camera_id": st.one_of(st.text(max_size=70), _ints),
+                "width": _ints,
+                "height": _ints,
+                "seq": st.one_of(_ints, st.floats()),
+                "jpeg": st.binary(max_size=64),
+            }
+        ).map(lambda d: msgpack.packb(d, use_bin_type=True)),
+    )
+)
+def test_garbage_never_raises_and_is_never_a_frame(payload: bytes) -> None:
+    assert isinstance(validate({b"m": payload}, CAM), str)
+
+
+# -- the worker against a real Redis -----------------------------------------------------------------
+class StubPipeline:
+    """Stands in for the detector pipeline: instant, and raises on a chosen JPEG ("poison")."""
+
+    def __init__(self, poison: bytes | None = None) -> None:
+        self.poison = poison
+        self.calls = 0
+
+    def process(self, jpegs: list[bytes], classifier: Any, threshold: Any) -> list[FrameOutput | FrameError]:
+        self.calls += 1
+        if self.poison is not None and self.poison in jpegs:
+            raise RuntimeError("decoder crashed")
+        now = time.time()
+        return [FrameOutput(64, 48, (), now, now) for _ in jpegs]
+
+
+@pytest.fixture(params=redis_binaries())
+def server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    with RedisServer(binary=Path(request.param)) as srv:
+        yield srv
+
+
+def _worker(server: RedisServer, tmp_path: Path, pipeline: StubPipeline, **overrides: Any) -> Worker:
+    values: dict[str, Any] = {
+        "redis_url": server.url,
+        "claim_idle_ms": 100,
+        "staleness_ms": 60_000,
+        "max_deliveries": 3,
+        "block_ms": 10,
+        "max_wait_ms": 0,
+        "models_dir": tmp_path / "models",
+    }
+    values.update(overrides)
+    settings_ = InferenceSettings(**values)
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    return Worker(
+        settings_, pipeline, ModelManager(tmp_path / "models", "cpu"), threading.Event(), "w1", client
+    )  # type: ignore[arg-type]
+
+
+def _register(client: redis.Redis) -> Accounting:
+    client.hset(C.CAMERAS_KEY, CAM, b"x")
+    return Accounting(client)
+
+
+def test_an_entry_is_dead_lettered_after_k_deliveries(server: RedisServer, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    acc = _register(client)
+    stream = C.frames_stream(CAM)
+    from shared.streams import ensure_group
+
+    ensure_group(client, stream, C.INFERENCE_GROUP)
+    poison = acc.publish(CAM, _fields(_frame(seq=1)), 100).entry_id
+    second = acc.publish(CAM, _fields(_frame(seq=2)), 100).entry_id
+    # Workers that died holding them: the poison one was delivered 3 times, the other once.
+    client.xreadgroup(C.INFERENCE_GROUP, "ghost", {stream: ">"}, count=2)
+    for _ in range(2):
+        client.xclaim(stream, C.INFERENCE_GROUP, "ghost", 0, [poison])
+    time.sleep(0.2)  # idle past claim_idle_ms
+    worker = _worker(server, tmp_path, StubPipeline())
+    for _ in range(3):
+        worker._step()
+    stats = read_stats(client, CAM)
+    assert stats[C.STAT_DEAD_LETTERED] == 1 and stats[C.STAT_PROCESSED] == 1, stats
+    assert unaccounted(stats) == 0
+    (record,) = [fields for _, fields in client.xrange(C.DEADLETTER_STREAM)]
+    assert record[b"id"] == poison and b"gave up after 3 deliveries" in record[b"reason"]
+    assert client.xpending(stream, C.INFERENCE_GROUP)["pending"] == 0
+    assert second  # processed (stub pipeline), counted above
+
+
+def test_a_frame_that_crashes_the_pipeline_is_dead_lettered_alone(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    acc = _register(client)
+    bad = _jpeg(64, 48)[:-2] + b"\x00\x00\xff\xd9"  # valid headers, still a JPEG to validation
+    ids = [
+        acc.publish(CAM, _fields(_frame(seq=i, jpeg=bad if i == 2 else JPEG)), 100).entry_id for i in range(5)
+    ]
+    worker = _worker(server, tmp_path, StubPipeline(poison=bad), batch_size=8)
+    worker._refresh_cameras()
+    for _ in range(3):
+        worker._step()
+    stats = read_stats(client, CAM)
+    assert stats[C.STAT_PROCESSED] == 4 and stats[C.STAT_DEAD_LETTERED] == 1, stats
+    (record,) = [fields for _, fields in client.xrange(C.DEADLETTER_STREAM)]
+    assert record[b"id"] == ids[2] and b"processing failed: RuntimeError" in record[b"reason"]
+
+
+def test_stale_frames_are_dropped_not_processed(server: RedisServer, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    acc = _register(client)
+    pipeline = StubPipeline()
+    worker = _worker(server, tmp_path, pipeline, staleness_ms=50)
+    worker._refresh_cameras()
+    for i in range(3):
+        acc.publish(CAM, _fields(_frame(seq=i)), 100)
+    time.sleep(0.15)
+    worker._step()
+    stats = read_stats(client, CAM)
+    assert stats[C.STAT_DROPPED_STALE] == 3 and pipeline.calls == 0
+
+
+# -- model manager ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_broken_artifact_is_refused_and_the_previous_keeps_serving(tmp_path: Path, how: str) -> None:
+    events: list[tuple[str, str]] = []
+    manager = ModelManager(tmp_path, "cpu", on_event=lambda level, msg: events.append((level, msg)))
+    good = make_artifact(tmp_path, "v1", "2026-01-01T00:00:00+00:00")
+    assert manager.check() and manager.current is not None
+    broken = make_corrupt_artifact(tmp_path, "v2", "2026-01-02T00:00:00+00:00", how)
+    assert manager.check() is False
+    assert manager.current is not None and manager.current.meta.dirname == good.dirname
+    assert events[-1][0] == "error" and broken.dirname in events[-1][1]
+    assert manager.check() is False and len(events) == 2  # refused once, not at every poll
+    newer = make_artifact(tmp_path, "v3", "2026-01-03T00:00:00+00:00")
+    assert manager.check() is True and manager.current.meta.dirname == newer.dirname
+
+
+def test_a_bad_pointer_is_reported_once(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    manager = ModelManager(tmp_path, "cpu", on_event=lambda level, msg: events.append((level, msg)))
+    (tmp_path / "current").write_text("../etc\n")
+    assert manager.check() is False and manager.check() is False
+    assert len(events) == 1 and events[0][0] == "error"
