@@ -68,10 +68,17 @@ class _DSBlock(nn.Module):
 
 class GenderNet(nn.Module):
     """A small CNN made for aligned 64-96 px face crops: a 3x3 stem, depthwise-separable residual
-    stages, global average pooling, dropout, linear head."""
+    stages, global average pooling, dropout, linear head.
 
-    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.2) -> None:
+    ``flip_tta``: in eval mode, average the logits of each crop and its mirror image (faces are
+    left/right symmetric; this steadies predictions at twice the compute). Training is unaffected.
+    """
+
+    def __init__(
+        self, num_classes: int, width: int = 32, dropout: float = 0.2, flip_tta: bool = False
+    ) -> None:
         super().__init__()
+        self.flip_tta = flip_tta
         w = width
         self.features = nn.Sequential(
             _conv_bn(3, w, stride=2),
@@ -87,12 +94,16 @@ class GenderNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_tta and not self.training:
+            n = x.shape[0]
+            logits = self.head(self.pool(self.features(torch.cat([x, x.flip(3)]))))
+            return (logits[:n] + logits[n:]) / 2
         return self.head(self.pool(self.features(x)))
 
 
 @register_arch("gendernet")
-def gendernet(num_classes: int, width: int = 32, dropout: float = 0.2) -> nn.Module:
-    return GenderNet(num_classes, width=width, dropout=dropout)
+def gendernet(num_classes: int, width: int = 32, dropout: float = 0.2, flip_tta: bool = False) -> nn.Module:
+    return GenderNet(num_classes, width=width, dropout=dropout, flip_tta=flip_tta)
 
 
 @register_arch("mobilenet_v3_small")

@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,12 +103,20 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_artifact_dir(target: Path, model: nn.Module, meta: ModelMeta) -> None:
-    """Write weights and metadata into an existing, empty directory (fsynced)."""
+def write_artifact_dir(
+    target: Path, model: nn.Module, meta: ModelMeta, extra_files: Mapping[str, bytes] | None = None
+) -> None:
+    """Write weights, metadata and any extra files (report, plots) into an existing, empty directory
+    (fsynced)."""
     from safetensors.torch import save as st_save
 
+    for fname in extra_files or {}:
+        if "/" in fname or fname.startswith(".") or fname in (WEIGHTS_FILE, META_FILE):
+            raise ValueError(f"invalid extra artifact file name {fname!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _write_file(target / WEIGHTS_FILE, st_save(state, metadata={"format": str(ARTIFACT_FORMAT)}))
+    for fname, data in (extra_files or {}).items():
+        _write_file(target / fname, data)
     _write_file(target / META_FILE, meta.model_dump_json(indent=2).encode())
     _fsync_dir(target)
 
@@ -122,8 +131,15 @@ def set_current(models_dir: Path, dirname: str) -> None:
     _fsync_dir(models_dir)
 
 
-def publish(models_dir: Path, model: nn.Module, meta: ModelMeta, make_current: bool = True) -> Path:
-    """Write a new artifact version atomically and (by default) make it current. Returns its path."""
+def publish(
+    models_dir: Path,
+    model: nn.Module,
+    meta: ModelMeta,
+    make_current: bool = True,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write a new artifact version atomically and (by default) make it current. Returns its path.
+    ``extra_files`` (name -> bytes: the training report and its plots) go into the same directory."""
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / meta.dirname
     if final.exists():
@@ -131,7 +147,7 @@ def publish(models_dir: Path, model: nn.Module, meta: ModelMeta, make_current: b
     tmp = models_dir / f".tmp-{meta.dirname}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        write_artifact_dir(tmp, model, meta)
+        write_artifact_dir(tmp, model, meta, extra_files)
         tmp.rename(final)
         _fsync_dir(models_dir)
     except BaseException:

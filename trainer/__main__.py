@@ -1,0 +1,8 @@
+"""``python -m trainer ...``: the train command (the trainer container's entry point)."""
+
+from __future__ import annotations
+
+from trainer.train import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Batched augmentations for aligned face crops, made to look like webcam frames and other cameras.
+
+Applied to a uint8 [B, 3, S, S] batch on the training device: JPEG re-encoding at a random quality (on
+CPU, per image), then in float: small rotation / scale / shift (the landmark jitter of a different
+detector or frame), horizontal flip, lighting (brightness, contrast, gamma, white balance, saturation),
+grayscale, blur or low resolution, sensor noise and a random occluding patch. Returns float 0..1.
+Everything draws from the given generator, so a seeded run is repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    jpeg_p: float = 0.5
+    jpeg_quality: tuple[int, int] = (25, 95)
+    rotate_deg: float = 12.0
+    scale: tuple[float, float] = (0.9, 1.12)
+    shift: float = 0.05
+    flip_p: float = 0.5
+    brightness: float = 0.3
+    contrast: float = 0.35
+    gamma: float = 0.35
+    white_balance: float = 0.12
+    saturation: float = 0.45
+    gray_p: float = 0.15
+    blur_p: float = 0.25
+    lowres_p: float = 0.25
+    noise_p: float = 0.3
+    noise_std: float = 0.04
+    erase_p: float = 0.25
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen).to(device) * (hi - lo) + lo
+
+
+def _bern(gen: torch.Generator, n: int, p: float, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen) < p).to(device)
+
+
+def jpeg_batch(crops: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Re-encode a random subset of uint8 CPU crops as JPEG at random qualities."""
+    n = crops.shape[0]
+    pick = torch.rand(n, generator=gen) < cfg.jpeg_p
+    quality = torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (n,), generator=gen)
+    if not pick.any():
+        return crops
+    out = crops.clone()
+    for i in pick.nonzero(as_tuple=True)[0].tolist():
+        img = np.ascontiguousarray(crops[i].permute(1, 2, 0).numpy())
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality[i])])
+        if ok:
+            dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # channel order is irrelevant: encoded as-is
+            out[i] = torch.from_numpy(dec).permute(2, 0, 1)
+    return out
+
+
+def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    k = torch.exp(-(x.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).clamp_min(1e-3) ** 2))
+    return k / k.sum(dim=1, keepdim=True)  # [B, K]
+
+
+def augment(
+    crops: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, device: torch.device
+) -> torch.Tensor:
+    """uint8 CPU [B,3,S,S] -> augmented float [B,3,S,S] in 0..1 on ``device``."""
+    crops = jpeg_batch(crops, gen, cfg)
+    x = crops.to(device, non_blocking=True).float() / 255.0
+    b, _, s, _ = x.shape
+
+    # Geometry: rotation, scale, shift and flip in one affine grid (zeros outside, as at a frame edge).
+    ang = _uniform(gen, b, -cfg.rotate_deg, cfg.rotate_deg, device) * (math.pi / 180)
+    scl = _uniform(gen, b, cfg.scale[0], cfg.scale[1], device)
+    tx = _uniform(gen, b, -cfg.shift, cfg.shift, device) * 2
+    ty = _uniform(gen, b, -cfg.shift, cfg.shift, device) * 2
+    flip = torch.where(_bern(gen, b, cfg.flip_p, device), -1.0, 1.0)
+    cos, sin = torch.cos(ang) / scl, torch.sin(ang) / scl
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, tx], dim=1), torch.stack([sin * flip, cos, ty], dim=1)], dim=1
+    )
+    grid = F.affine_grid(theta, [b, 3, s, s], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # Lighting and colour.
+    bright = _uniform(gen, b, 1 - cfg.brightness, 1 + cfg.brightness, device).view(b, 1, 1, 1)
+    x = x * bright
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = _uniform(gen, b, 1 - cfg.contrast, 1 + cfg.contrast, device).view(b, 1, 1, 1)
+    x = (x - mean) * contrast + mean
+    wb = _uniform(gen, b * 3, 1 - cfg.white_balance, 1 + cfg.white_balance, device).view(b, 3, 1, 1)
+    x = (x * wb).clamp(0, 1)
+    gamma = torch.exp(_uniform(gen, b, -cfg.gamma, cfg.gamma, device)).view(b, 1, 1, 1)
+    x = x.clamp_min(1e-6) ** gamma
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    sat = _uniform(gen, b, 1 - cfg.saturation, 1 + cfg.saturation, device).view(b, 1, 1, 1)
+    sat = torch.where(_bern(gen, b, cfg.gray_p, device).view(b, 1, 1, 1), torch.zeros_like(sat), sat)
+    x = (gray + (x - gray) * sat).clamp(0, 1)
+
+    # Blur (separable gaussian, per-image sigma) or low resolution (down, then back up).
+    blur = _bern(gen, b, cfg.blur_p, device)
+    if blur.any():
+        sigma = _uniform(gen, b, 0.4, 1.4, device)
+        k = _gaussian_kernels(sigma, 3)  # [B, 7]
+        xb = x.reshape(1, b * 3, s, s)
+        kh = k.repeat_interleave(3, dim=0).view(b * 3, 1, 1, -1)
+        xb = F.conv2d(F.pad(xb, (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
+        xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
+        x = torch.where(blur.view(b, 1, 1, 1), xb.view(b, 3, s, s), x)
+    lowres = _bern(gen, b, cfg.lowres_p, device)
+    if lowres.any():
+        side = int(torch.randint(s // 3, s - s // 8, (1,), generator=gen))
+        small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        up = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
+        x = torch.where(lowres.view(b, 1, 1, 1), up, x)
+
+    # Sensor noise.
+    noisy = _bern(gen, b, cfg.noise_p, device).view(b, 1, 1, 1)
+    std = _uniform(gen, b, 0.0, cfg.noise_std, device).view(b, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=gen).to(device) * std
+    x = torch.where(noisy, x + noise, x).clamp(0, 1)
+
+    # Occlusion: one grey-ish rectangle (hand, phone, microphone) on some images.
+    erase = _bern(gen, b, cfg.erase_p, device)
+    if erase.any():
+        eh = (_uniform(gen, b, 0.15, 0.4, device) * s).long()
+        ew = (_uniform(gen, b, 0.15, 0.5, device) * s).long()
+        ey = (torch.rand(b, generator=gen).to(device) * (s - eh)).long()
+        ex = (torch.rand(b, generator=gen).to(device) * (s - ew)).long()
+        fill = torch.rand(b, 3, generator=gen).to(device).view(b, 3, 1, 1)
+        yy = torch.arange(s, device=device).view(1, s, 1)
+        xx = torch.arange(s, device=device).view(1, 1, s)
+        mask = (
+            (yy >= ey.view(b, 1, 1))
+            & (yy < (ey + eh).view(b, 1, 1))
+            & (xx >= ex.view(b, 1, 1))
+            & (xx < (ex + ew).view(b, 1, 1))
+            & erase.view(b, 1, 1)
+        ).unsqueeze(1)
+        x = torch.where(mask, fill.expand_as(x), x)
+    return x
