@@ -148,6 +148,15 @@ def seconds(duration: str | int | float | None) -> float:
     return total
 
 
+def size_in_bytes(value: str | int) -> int:
+    """A size as compose prints it (bytes, or ``2gb``)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", value.lower())
+    assert match, value
+    return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2)]
+
+
 def env_of(service: dict[str, Any]) -> dict[str, str | None]:
     return dict(service.get("environment") or {})
 
@@ -358,11 +367,16 @@ def test_models_volume_is_shared_read_only_by_workers_and_read_write_by_the_trai
 
 def test_the_trainer_runs_genderlens_train_on_a_read_only_dataset(base: dict[str, Any]) -> None:
     trainer = base["services"]["trainer"]
-    assert trainer["entrypoint"] == ["genderlens", "train"]
+    assert trainer["entrypoint"][:2] == ["genderlens", "train"]
+    out = trainer["entrypoint"][trainer["entrypoint"].index("--out") + 1]
+    assert out == "/app/models" == mount(trainer, "/app/models")["target"]
+    cache = trainer["entrypoint"][trainer["entrypoint"].index("--cache-dir") + 1]
+    assert cache.startswith(mount(trainer, "/app/.cache")["target"] + "/")
     assert trainer["command"] == ["--data", "/data"]
     data = mount(trainer, "/data")
     assert data["type"] == "bind" and data["read_only"] is True
     assert not data.get("bind", {}).get("create_host_path"), "a missing dataset must be an error"
+    assert size_in_bytes(trainer["shm_size"]) >= 1 << 30
 
 
 def test_containers_are_hardened(base: dict[str, Any]) -> None:
@@ -381,7 +395,7 @@ def test_the_gpu_variant_reserves_an_nvidia_gpu_with_cuda_torch(gpu: dict[str, A
         assert gpu_devices(service) == GPU_RESERVATION, name
         assert service["build"]["target"] == target, name
         assert service["image"].endswith("-gpu"), name
-        assert env_of(service)["GENDERLENS_DEVICE"] == "cuda", name
+    assert env_of(gpu["services"]["inference"])["GENDERLENS_DEVICE"] == "cuda"
     inference = gpu["services"]["inference"]
     assert "container_name" not in inference and not inference.get("ports")
     assert mount(inference, "/app/models").get("read_only") is True
