@@ -51,8 +51,8 @@ def _few_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _config(**kw: object) -> DetectorConfig:
-    return DetectorConfig(weights_dir=WEIGHTS, **kw)  # type: ignore[arg-type]
+def _config(variant: str = "yunet_s") -> DetectorConfig:
+    return DetectorConfig(weights_dir=WEIGHTS, variant=variant)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,9 @@ def test_batch_of_one_equals_batch_of_many(torch_det: TorchYuNet) -> None:
         _assert_same(torch_det.detect([frame])[0], many, atol=1e-3)
 
 
-def test_tensor_api_matches_numpy_api(torch_det: TorchYuNet) -> None:
-    frames = _frames_with_faces(torch_det, 3)
+@pytest.mark.parametrize("size", [(480, 640), (300, 410)])  # the second needs padding to 320x416
+def test_tensor_api_matches_numpy_api(torch_det: TorchYuNet, size: tuple[int, int]) -> None:
+    frames = _frames_with_faces(torch_det, 3, size=size)
     bgr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
     from_numpy = torch_det.detect(frames)
     from_bgr = [d.numpy() for d in torch_det.detect_tensor(bgr)]

@@ -130,7 +130,7 @@ class ConvHead(nn.Module):
         self.conv2.fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.relu(self.bn1(self.conv1(x))))
+        return self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True))
 
 
 class Conv4LayerBlock(nn.Module):
@@ -414,7 +414,7 @@ class TorchYuNet:
     # -- numpy API (the FaceDetector protocol)
 
     def detect(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Detections]:
-        """Detect faces in BGR uint8 frames (HxWx3, sizes may differ) in one forward pass.
+        """Detect faces in BGR uint8 frames (HxWx3, sizes may differ) as one batch.
 
         Each frame is downscaled as the cv2 backend does (long side <= max_side, INTER_AREA) and put at
         the top-left of a shared zero canvas; results are in each frame's own pixels.
