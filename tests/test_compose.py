@@ -17,8 +17,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -718,3 +723,221 @@ def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
         timeout=60,
     )
     assert check.returncode == 1 and "sha256" in check.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the containers' commands are the local mode's entry point, and they start
+
+TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+#: The YuNet weights handed over beside the checkout (the image bakes the same files in).
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "yunet"
+#: Container paths of the compose environment -> where the same things are in this checkout.
+LOCAL_PATHS = {"/app/models": REPO / "models", "/opt/genderlens/weights": SHARED_WEIGHTS}
+
+
+def container_argv(service: dict[str, Any]) -> list[str]:
+    return [*(service.get("entrypoint") or []), *(service.get("command") or [])]
+
+
+def dockerfile_argv(target: str) -> list[str]:
+    """ENTRYPOINT + CMD of an image target (exec form), as `docker run IMAGE` would run them."""
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    for instruction in dockerfile_stages()[target]:
+        keyword, _, rest = instruction.partition(" ")
+        if keyword == "ENTRYPOINT":
+            entrypoint = json.loads(rest)
+        elif keyword == "CMD":
+            cmd = json.loads(rest)
+    return [*entrypoint, *cmd]
+
+
+def test_every_container_runs_the_genderlens_cli_of_the_local_mode(base: dict[str, Any]) -> None:
+    import tomllib
+
+    from services.cli import COMMANDS, build_parser
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["genderlens"] == "services.cli:main"
+    expected = {"capture": "capture", "inference": "infer", "viewer": "view", "trainer": "train"}
+    for name, subcommand in expected.items():
+        service = base["services"][name]
+        argv = container_argv(service)
+        assert argv[:2] == ["genderlens", subcommand], f"{name}: {argv}"
+        assert subcommand in COMMANDS
+        # the flags compose adds exist (argparse exits on an unknown one)
+        build_parser(argv[1:]).parse_args(argv[1:])
+        # the image, run without compose, does the same
+        target = service["build"]["target"]
+        image_argv = dockerfile_argv(target)
+        if name == "trainer":
+            assert image_argv[: len(service["entrypoint"])] == service["entrypoint"]
+        else:
+            assert image_argv == argv, f"{target}: {image_argv} != {argv}"
+    health = base["services"]["inference"]["healthcheck"]["test"][1:]
+    build_parser(health[1:]).parse_args(health[1:])
+
+
+def local_env(service: dict[str, Any], tmp: Path, **overrides: str) -> dict[str, str]:
+    """The service's compose environment, pointed at this machine instead of the compose network."""
+    env = _clean_env(tmp, {})
+    for key, value in env_of(service).items():
+        if value is None:
+            continue
+        if key == "GENDERLENS_REDIS_URL":
+            value = TEST_REDIS_URL
+        for container_path, local_path in LOCAL_PATHS.items():
+            if value == container_path:
+                value = str(local_path)
+        if value.startswith("/tmp/"):
+            value = str(tmp / Path(value).name)
+        env[key] = value
+    env.update(overrides)
+    return env
+
+
+def make_video(path: Path, frames: int = 60) -> None:
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 15, (320, 240))
+    assert writer.isOpened(), "cv2 cannot write MJPG/AVI here"
+    for i in range(frames):
+        frame = np.full((240, 320, 3), 40 + i, np.uint8)
+        cv2.circle(frame, (160, 120), 30 + i % 40, (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture()
+def test_redis() -> Iterator[Any]:
+    import redis
+
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {TEST_REDIS_URL}: {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def wait_for(condition: Any, timeout_s: float, what: str, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, proc in procs.items():
+            assert proc.poll() is None, f"{name} exited with {proc.returncode} while waiting for {what}"
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_container_commands_start_as_local_processes(
+    base: dict[str, Any], test_redis: Any, tmp_path: Path
+) -> None:
+    """capture (a generated video file instead of the webcam), an inference worker and the viewer, each
+    started with its container's command and compose environment from this venv's bin/, against the
+    test Redis: they run, frames flow through the worker, the healthchecks pass, SIGTERM stops them."""
+    if not SHARED_WEIGHTS.is_dir():
+        pytest.skip(f"no YuNet weights at {SHARED_WEIGHTS}")
+    from shared import constants as C
+
+    video = tmp_path / "compose-clip.avi"
+    make_video(video)
+    port = free_port()
+    services = base["services"]
+    envs = {
+        "capture": local_env(
+            services["capture"], tmp_path, GENDERLENS_SOURCE=str(video), GENDERLENS_LOOP="true"
+        ),
+        "inference": local_env(services["inference"], tmp_path, GENDERLENS_TORCH_THREADS="1"),
+        "viewer": local_env(services["viewer"], tmp_path, GENDERLENS_PORT=str(port)),
+    }
+    assert (
+        envs["viewer"]["GENDERLENS_HOST"] == "0.0.0.0" and envs["viewer"]["GENDERLENS_VIEWER_TOKEN"] == TOKEN
+    )
+    health_file = Path(envs["inference"]["GENDERLENS_HEALTH_FILE"])
+    assert health_file.parent == tmp_path
+    bin_dir = Path(sys.executable).parent
+    inference_health = container_argv({"command": services["inference"]["healthcheck"]["test"][1:]})
+
+    def run_check(argv: list[str], env: dict[str, str]) -> int:
+        argv = [str(bin_dir / argv[0]) if (bin_dir / argv[0]).exists() else argv[0], *argv[1:]]
+        return subprocess.run(argv, env=env, capture_output=True, timeout=60, cwd=tmp_path).returncode
+
+    assert run_check(inference_health, envs["inference"]) == 1, "healthy before the worker ever ran"
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in envs}
+    try:
+        for name, env in envs.items():
+            argv = container_argv(services[name])
+            procs[name] = subprocess.Popen(
+                [str(bin_dir / argv[0]), *argv[1:]],
+                env=env,
+                cwd=tmp_path,
+                stdout=logs[name],
+                stderr=subprocess.STDOUT,
+            )
+        stats = C.stats_key("compose-clip")
+        wait_for(lambda: test_redis.xlen(C.frames_stream("compose-clip")) > 0, 60, "frames", procs)
+        wait_for(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 60, "viewer /healthz", procs)
+        wait_for(
+            lambda: int(test_redis.hget(stats, C.STAT_PROCESSED) or 0) > 0, 150, "processed frames", procs
+        )
+        assert test_redis.xlen(C.results_stream("compose-clip")) > 0
+        # the containers' own healthchecks, as Docker would run them
+        assert run_check(inference_health, envs["inference"]) == 0
+        viewer_check = [
+            part.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            for part in services["viewer"]["healthcheck"]["test"][1:]
+        ]
+        assert run_check(viewer_check, envs["viewer"]) == 0
+        assert http_status(f"http://127.0.0.1:{port}/api/cameras") == 401, "the token must guard the API"
+        assert http_status(f"http://127.0.0.1:{port}/api/cameras", TOKEN) == 200
+        time.sleep(2)
+        for name, proc in procs.items():
+            assert proc.poll() is None, f"{name} died"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes: dict[str, int | str] = {}
+        for name, proc in procs.items():
+            try:
+                codes[name] = proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = "killed: no exit within 25 s of SIGTERM"
+        for handle in logs.values():
+            handle.close()
+    output = {name: (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:] for name in envs}
+    # 0, or the SIGTERM status itself: uvicorn re-raises the signal after its graceful shutdown, which
+    # Docker reports as 143 and treats as a clean stop. A kill after the timeout is a failure.
+    assert all(code in (0, -signal.SIGTERM) for code in codes.values()), f"exit codes {codes}\n{output}"
