@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ from hypothesis import strategies as st
 
 from shared import constants as C
 from shared.accounting import Accounting
-from shared.redis_server import RedisServer
-from shared.schema import MAX_MESSAGE_BYTES, Result
+from shared.redis_server import RedisServer, free_port
+from shared.schema import MAX_MESSAGE_BYTES, CameraInfo, Result
 from tests.faults_support import (
     GENDERLENS,
     REDIS7,
@@ -155,6 +157,17 @@ def test_1_kill_9_a_worker_mid_stream(
         except BaseException:
             print(services.dump_logs())
             raise
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    """One sample from a service's Prometheus /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        match = re.match(rf"^{name}{{(.*)}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            return float(match.group(2))
+    return 0.0
 
 
 def _version(client: redis.Redis) -> str:
@@ -469,11 +482,27 @@ def test_5_sigterm_during_a_batch(
             GENDERLENS_MAX_WAIT_MS="200",  # batches take a while to fill: a wide window to hit
             GENDERLENS_DRAIN_TIMEOUT_S="10",
         )
+        metrics_port = free_port()
         services.capture("capture", photos, "cam", fps=15)
-        worker = services.worker("w1")
+        worker = services.worker("w1", GENDERLENS_METRICS_PORT=str(metrics_port))
         stream = C.frames_stream("cam")
         try:
             wait_until(lambda: _processed(client, "cam") >= 5, 90, 0.2, "frames processed")
+            # The accounting outcomes and queue gauges are on the worker's /metrics.
+            wait_until(
+                lambda: _metric(
+                    metrics_port, "genderlens_worker_frames_total", camera="cam", outcome="processed"
+                ),
+                10,
+                0.2,
+                "the processed counter on /metrics",
+            )
+            wait_until(
+                lambda: _metric(metrics_port, "genderlens_worker_stream_length", camera="cam"),
+                10,
+                0.2,
+                "the stream-length gauge on /metrics",
+            )
             held = wait_until(lambda: consumer_pending(client, stream, "w1"), 30, 0.002, "w1 holding a batch")
             worker.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
@@ -485,6 +514,65 @@ def test_5_sigterm_during_a_batch(
             assert all(c["name"] not in ("w1", b"w1") for c in consumers), "w1 left the group"
             assert "stopped" in services.log("w1")
             log_result("test5", held_at_sigterm=held, exit_code=rc, exit_after_s=f"{exit_s:.2f}")
+        except BaseException:
+            print(services.dump_logs())
+            raise
+
+
+# -- camera loss (capture alone) -----------------------------------------------------------------------
+def test_6_camera_loss_shows_no_signal_and_reconnects(
+    tmp_path: Path,
+    photos: Path,
+    services: Services,  # noqa: F811
+) -> None:
+    """A looping folder source disappears: capture keeps running, marks the camera no_signal, retries
+    with backoff, and goes live again when the source is back. /metrics shows it too."""
+    if not REDIS7.is_file():
+        pytest.skip(f"no Redis 7 at {REDIS7}")
+    with RedisServer(binary=REDIS7) as server:
+        client = client_for(server)
+        metrics_port = free_port()
+        services.base_env = service_env(
+            server.url,
+            tmp_path / "models",
+            GENDERLENS_SLIDE_SECONDS="0.2",
+            GENDERLENS_RECONNECT_MAX_S="1",
+            GENDERLENS_METRICS_PORT=str(metrics_port),
+        )
+        services.capture("capture", photos, "cam", fps=10)
+
+        def status() -> str | None:
+            raw = client.hget(C.CAMERAS_KEY, "cam")
+            return CameraInfo.unpack(raw).status if raw else None
+
+        try:
+            wait_until(lambda: status() == "live", 30, 0.1, "camera live")
+            assert _metric(metrics_port, "genderlens_capture_published_total", camera="cam") > 0
+            unplugged = photos.with_name("unplugged")
+            photos.rename(unplugged)
+            lost_at = time.monotonic()
+            wait_until(lambda: status() == "no_signal", 15, 0.05, "camera shown as no_signal")
+            no_signal_s = time.monotonic() - lost_at
+            assert _metric(metrics_port, "genderlens_capture_source_up", camera="cam") == 0
+            published = int(client.hget(C.stats_key("cam"), C.STAT_PUBLISHED) or 0)
+            time.sleep(1.5)
+            assert services.alive("capture")
+            unplugged.rename(photos)
+            back_at = time.monotonic()
+            wait_until(lambda: status() == "live", 15, 0.05, "camera live again")
+            live_s = time.monotonic() - back_at
+            wait_until(
+                lambda: int(client.hget(C.stats_key("cam"), C.STAT_PUBLISHED) or 0) > published + 3,
+                15,
+                0.1,
+                "frames flowing again",
+            )
+            assert "retry" in services.log("capture")
+            assert services.terminate("capture") == 0
+            assert status() == "stopped"
+            log_result(
+                "camera-loss", no_signal_after_s=f"{no_signal_s:.2f}", live_again_after_s=f"{live_s:.2f}"
+            )
         except BaseException:
             print(services.dump_logs())
             raise

@@ -224,6 +224,7 @@ class CaptureService:
             except queue.Empty:
                 frame = None
                 if self.stop.is_set():
+                    self._final_register()
                     break
             try:
                 now = time.monotonic()
@@ -254,6 +255,13 @@ class CaptureService:
                 if frame is not None:
                     self._count_drop()
                 self.stop.wait(0.5)
+
+    def _final_register(self) -> None:
+        """Best effort on the way out: show the camera as stopped and report the last drops."""
+        try:
+            self._register()
+        except redis.RedisError as exc:
+            log.warning("capture %s: could not record the stopped status: %s", self.camera_id, exc)
 
     def _publish(self, frame: Frame) -> None:
         # One atomic script: XADD, count published, trim to the cap and count what the trim evicted.
