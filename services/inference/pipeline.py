@@ -1,24 +1,61 @@
 """The per-batch compute: decode -> detect -> align -> classify, for frames of any cameras.
 
-All faces of all frames in a batch are aligned by one call of the shared preprocessing function and
-classified in one forward pass; the detector receives the whole batch (the PyTorch backend runs it as
-one forward pass, cv2 loops inside).
+One call handles a whole batch (frames of several cameras, of any sizes, in any order) and returns one
+output per input frame, in input order, so the caller can route each result back to its camera and
+sequence number. Nothing on the hot path loops per face: the detector receives the whole batch (the
+PyTorch backend runs it as one forward pass, cv2 loops per image inside), all faces of all frames are
+aligned by one call of the shared preprocessing function (one ``grid_sample`` per frame) and classified
+in one forward pass. The only per-face Python is building the output records.
+
+Two routes through the same stages, chosen by device:
+
+* host route (CPU default): ``cv2.imdecode`` -> ``detector.detect`` on numpy BGR frames -> one uint8
+  batch tensor (moved to the device through pinned memory when it is a GPU) -> align -> classify.
+* device route (CUDA default with a detector that has ``detect_tensor``): ``torchvision.io.decode_jpeg``
+  decodes the whole list on the GPU (nvjpeg) -> ``detect_tensor`` -> align -> classify, the frames never
+  leaving the device; results cross to the host once per batch. It also runs on CPU (tests force it
+  there with ``device_route=True``), so the GPU code is the same code with a device switch.
+
+Each stage's time is added to :attr:`Pipeline.stats` (the benchmark and the worker's metrics read it).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from shared.detectors import Detections, FaceDetector
+from shared.detectors import Detections, DetectorConfig, FaceDetector, create, register
 from shared.models.artifact import UNKNOWN, Classifier, label_for
-from shared.preprocess import align_faces, bgr_to_tensor, stack_frames
+from shared.preprocess import align_faces, stack_frames
 from shared.schema import Face
+
+#: Stage names in :class:`StageStats`, in pipeline order.
+STAGES: tuple[str, ...] = ("decode", "detect", "crop", "classify")
+
+
+#: ``detector = "auto"`` resolves to this per device type. On CPU cv2-yunet measured faster than the
+#: PyTorch port on the same frames (docs/benchmarks.md); on a GPU torch-yunet runs batched on the device
+#: and lets the frames stay there from decode to classification.
+AUTO_DETECTOR: dict[str, str] = {"cpu": "cv2-yunet", "cuda": "torch-yunet"}
+
+
+def default_detector(device: str | torch.device) -> str:
+    return AUTO_DETECTOR.get(torch.device(device).type, "torch-yunet")
+
+
+@register("auto")
+def _auto_detector(config: DetectorConfig) -> FaceDetector:
+    """The registry entry behind ``detector = "auto"`` (the setting's default): registered here, where
+    the worker's pipeline is built, because the choice is the pipeline's (it depends on the device)."""
+    return create(default_detector(config.device), config)
 
 
 class DecodeError(ValueError):
@@ -41,84 +78,308 @@ class FrameError:
     reason: str
 
 
+@dataclass
+class StageStats:
+    """Cumulative wall time per stage, and what went through (read and reset by the benchmark)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    batches: int = 0
+    frames: int = 0
+    faces: int = 0
+
+    def add(self, stage: str, started: float) -> float:
+        """Add the time since ``started`` (a perf_counter reading) to ``stage``; returns now."""
+        now = time.perf_counter()
+        self.seconds[stage] += now - started
+        return now
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.batches = self.frames = self.faces = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "seconds": dict(self.seconds),
+            "batches": self.batches,
+            "frames": self.frames,
+            "faces": self.faces,
+        }
+
+
+class _TensorDetections(Protocol):
+    boxes: torch.Tensor
+    landmarks: torch.Tensor
+    scores: torch.Tensor
+
+
+class TensorDetector(Protocol):
+    """A detector that takes a uint8 [B, 3, H, W] batch already on its device (torch-yunet)."""
+
+    name: str
+
+    def detect_tensor(
+        self, frames: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None, channel_order: Any = "bgr"
+    ) -> Sequence[_TensorDetections]: ...
+
+
 def decode_jpeg(data: bytes) -> npt.NDArray[np.uint8]:
     """JPEG bytes -> BGR image; raises DecodeError on anything that is not a decodable image."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None or image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise DecodeError("undecodable JPEG")
     return np.asarray(image, dtype=np.uint8)
 
 
+def decode_jpegs_on_device(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | DecodeError]:
+    """JPEG bytes -> RGB uint8 [3, H, W] tensors decoded on ``device`` (nvjpeg on CUDA, in one call for
+    the whole list); an undecodable frame gives a DecodeError in its place instead of failing the batch."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as tv_decode
+
+    # The input tensors must be on the CPU whatever the device; copy (bytes are read-only buffers).
+    datas = [torch.from_numpy(np.frombuffer(j, dtype=np.uint8).copy()) for j in jpegs]
+
+    def one(data: torch.Tensor) -> torch.Tensor | DecodeError:
+        if data.numel() < 4:
+            return DecodeError("undecodable JPEG")
+        try:
+            image = cast(torch.Tensor, tv_decode(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            return DecodeError("undecodable JPEG")
+        return (
+            image
+            if image.ndim == 3 and image.shape[1] > 0 and image.shape[2] > 0
+            else DecodeError("undecodable JPEG")
+        )
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec; they still work.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if device.type == "cuda" and all(d.numel() >= 4 for d in datas):
+            try:
+                return list(tv_decode(datas, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                pass  # one bad frame fails the batched call: find it frame by frame below
+        return [one(d) for d in datas]
+
+
+def size_groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of the frames of each size, in order of first appearance.
+
+    The detector runs once per size group: a frame letterboxed onto a larger canvas next to bigger
+    frames gets slightly different features near its border (the zero canvas is not the convolutions'
+    zero padding), so grouping keeps each frame's detections independent of its batch companions; it
+    also spares small frames the compute of a large padded canvas. Cameras are few, so are sizes.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
+    return list(groups.values())
+
+
 class Pipeline:
-    def __init__(self, detector: FaceDetector, device: str | torch.device = "cpu") -> None:
+    """Batch compute shared by the worker and the benchmark.
+
+    ``device_route``: decode and detect on the device (see the module doc); None = yes on CUDA when the
+    detector supports it. The host route is faster on CPU: cv2's decoder beats torchvision's there, and
+    cv2-yunet (the CPU default) only takes numpy frames.
+    """
+
+    def __init__(
+        self, detector: FaceDetector, device: str | torch.device = "cpu", device_route: bool | None = None
+    ) -> None:
         self.detector = detector
         self.device = torch.device(device)
+        has_tensor_api = callable(getattr(detector, "detect_tensor", None))
+        if device_route is None:
+            device_route = has_tensor_api and self.device.type == "cuda"
+        elif device_route and not has_tensor_api:
+            raise ValueError(f"detector {detector.name} has no detect_tensor: cannot run on the device route")
+        self.device_route = device_route
+        self.stats = StageStats()
+        # OpenCV (decode, cv2-yunet) gets no more threads than torch was given (the worker's
+        # torch_threads): two one-thread workers on two cores must not each run cv2 on both.
+        if cv2.getNumThreads() > torch.get_num_threads():
+            cv2.setNumThreads(torch.get_num_threads())
 
+    # -- entry points ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def process(
         self, jpegs: list[bytes], classifier: Classifier | None, uncertain_threshold: float | None
     ) -> list[FrameOutput | FrameError]:
-        """JPEG frames -> faces per frame (or the reason a frame could not be processed)."""
-        results: list[FrameOutput | FrameError] = []
+        """JPEG frames -> faces per frame (or the reason a frame could not be processed), in order."""
+        if self.device_route:
+            return self._process_on_device(jpegs, classifier, uncertain_threshold)
+        started = time.perf_counter()
         images: list[npt.NDArray[np.uint8]] = []
-        for data in jpegs:
+        errors: dict[int, FrameError] = {}
+        for i, data in enumerate(jpegs):
             try:
                 images.append(decode_jpeg(data))
-                results.append(FrameError(""))  # placeholder, replaced below
             except DecodeError as exc:
-                results.append(FrameError(str(exc)))
+                errors[i] = FrameError(str(exc))
+        self.stats.add("decode", started)
         outputs = iter(self.run(images, classifier, uncertain_threshold))
-        return [next(outputs) if isinstance(r, FrameError) and not r.reason else r for r in results]
+        return [errors[i] if i in errors else next(outputs) for i in range(len(jpegs))]
 
+    @torch.inference_mode()
     def run(
         self,
         images: list[npt.NDArray[np.uint8]],
         classifier: Classifier | None,
         uncertain_threshold: float | None,
     ) -> list[FrameOutput]:
-        """Decoded BGR frames -> faces per frame, with stage timestamps."""
+        """Decoded BGR frames (sizes may differ) -> faces per frame, with stage timestamps."""
+        started = time.perf_counter()
         sizes = [(int(im.shape[1]), int(im.shape[0])) for im in images]
-        detections = self.detector.detect(images) if images else []
+        detections = [Detections.empty()] * len(images)
+        for group in size_groups(sizes):
+            found = self.detector.detect([images[i] for i in group])
+            for i, det in zip(group, found, strict=True):
+                detections[i] = det
+        started = self.stats.add("detect", started)
         detected_at = time.time()
-        if classifier is None:
-            classified_at = time.time()
-            return [
-                FrameOutput(*size, _faces(det, None, [], []), detected_at, classified_at)
-                for size, det in zip(sizes, detections, strict=True)
-            ]
         with_faces = [i for i, det in enumerate(detections) if len(det)]
-        probs = torch.zeros((0, len(classifier.meta.classes)))
-        if with_faces:
-            frames = stack_frames([bgr_to_tensor(images[i]) for i in with_faces]).to(self.device)
-            index = torch.cat(
-                [torch.full((len(detections[i]),), k, dtype=torch.int64) for k, i in enumerate(with_faces)]
-            )
+        crops: torch.Tensor | None = None
+        if classifier is not None and with_faces:
+            # One uint8 BGR batch for every frame with faces; the warp acts on each channel alike, so
+            # aligning BGR and swapping the channels of the small crops equals aligning RGB frames.
+            frames = self._host_batch([images[i] for i in with_faces])
+            counts = torch.tensor([len(detections[i]) for i in with_faces])
+            index = torch.repeat_interleave(torch.arange(len(with_faces)), counts)
             landmarks = torch.from_numpy(np.concatenate([detections[i].landmarks for i in with_faces]))
-            crops = align_faces(frames, index, landmarks, classifier.meta.input_size, classifier.meta.margin)
-            probs = classifier.predict(crops).cpu()
-        threshold = (
-            classifier.meta.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
-        )
-        labels = label_for(probs, classifier.meta.classes, threshold)
+            meta = classifier.meta
+            crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin).flip(1)
+            started = self.stats.add("crop", started)
+        return self._finish(sizes, detections, crops, classifier, uncertain_threshold, detected_at, started)
+
+    # -- device route ------------------------------------------------------------------------------
+    def _process_on_device(
+        self, jpegs: list[bytes], classifier: Classifier | None, uncertain_threshold: float | None
+    ) -> list[FrameOutput | FrameError]:
+        started = time.perf_counter()
+        decoded = decode_jpegs_on_device(jpegs, self.device)
+        frames_list = [d for d in decoded if isinstance(d, torch.Tensor)]
+        started = self.stats.add("decode", started)
+        outputs: list[FrameOutput] = []
+        if frames_list:
+            hw = [(int(f.shape[1]), int(f.shape[2])) for f in frames_list]
+            # Frames of other sizes are padded at the bottom/right: pixel coordinates stay their own.
+            frames = stack_frames(frames_list).contiguous(memory_format=torch.channels_last)
+            detector = cast(TensorDetector, self.detector)
+            found: list[_TensorDetections] = []
+            groups = size_groups(hw)
+            if len(groups) == 1:
+                found = list(detector.detect_tensor(frames, hw, channel_order="rgb"))
+            else:
+                slots: list[_TensorDetections | None] = [None] * len(hw)
+                for group in groups:
+                    h, w = hw[group[0]]
+                    sub = frames[torch.tensor(group, device=frames.device)][:, :, :h, :w]
+                    for i, det in zip(group, detector.detect_tensor(sub, None, "rgb"), strict=True):
+                        slots[i] = det
+                found = [d for d in slots if d is not None]
+            counts_list = [int(d.scores.shape[0]) for d in found]
+            # One device->host copy for the whole batch's detections.
+            flat = torch.cat(
+                [
+                    torch.cat([d.boxes.float(), d.landmarks.float().flatten(1), d.scores.float()[:, None]], 1)
+                    for d in found
+                ]
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # so the detect time is the detector's, not deferred
+            started = self.stats.add("detect", started)
+            detected_at = time.time()
+            crops: torch.Tensor | None = None
+            if classifier is not None and flat.shape[0]:
+                index = torch.repeat_interleave(
+                    torch.arange(len(found), device=frames.device),
+                    torch.tensor(counts_list, device=frames.device),
+                )
+                landmarks = flat[:, 4:14].reshape(-1, 5, 2)
+                meta = classifier.meta
+                crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin)
+                started = self.stats.add("crop", started)
+            host = flat.cpu().numpy()
+            detections = []
+            offset = 0
+            for n in counts_list:
+                rows = host[offset : offset + n]
+                offset += n
+                detections.append(
+                    Detections(
+                        boxes=np.ascontiguousarray(rows[:, 0:4]),
+                        landmarks=np.ascontiguousarray(rows[:, 4:14].reshape(-1, 5, 2)),
+                        scores=np.ascontiguousarray(rows[:, 14]),
+                    )
+                )
+            sizes = [(w, h) for h, w in hw]
+            outputs = self._finish(
+                sizes, detections, crops, classifier, uncertain_threshold, detected_at, started
+            )
+        it = iter(outputs)
+        return [FrameError(str(d)) if isinstance(d, DecodeError) else next(it) for d in decoded]
+
+    # -- shared tail -------------------------------------------------------------------------------
+    def _host_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> torch.Tensor:
+        """numpy BGR HxWx3 frames -> uint8 [B, 3, H, W] (BGR, channels_last view, no extra copy) on the
+        device; frames of other sizes padded at the bottom/right."""
+        height = max(int(im.shape[0]) for im in images)
+        width = max(int(im.shape[1]) for im in images)
+        if all(im.shape[0] == height and im.shape[1] == width for im in images):
+            batch = np.stack(images)
+        else:
+            batch = np.zeros((len(images), height, width, 3), np.uint8)
+            for i, im in enumerate(images):
+                batch[i, : im.shape[0], : im.shape[1]] = im
+        tensor = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            # Pinned staging memory makes the upload an asynchronous DMA.
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            tensor = tensor.to(self.device)
+        return tensor.permute(0, 3, 1, 2)
+
+    def _finish(
+        self,
+        sizes: list[tuple[int, int]],
+        detections: Sequence[Detections],
+        crops: torch.Tensor | None,
+        classifier: Classifier | None,
+        uncertain_threshold: float | None,
+        detected_at: float,
+        started: float,
+    ) -> list[FrameOutput]:
+        """Classify all crops in one forward pass and build each frame's output."""
+        n_faces = sum(len(d) for d in detections)
+        self.stats.batches += 1
+        self.stats.frames += len(sizes)
+        self.stats.faces += n_faces
+        classes: list[str] | None = None
+        prob_rows: list[list[float]] = []
+        labels: list[str] = []
+        if classifier is not None:
+            classes = classifier.meta.classes
+            if crops is not None and crops.shape[0]:
+                probs = classifier.predict(crops).float().cpu()
+            else:
+                probs = torch.zeros((0, len(classes)))
+            threshold = (
+                classifier.meta.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
+            )
+            labels = label_for(probs, classes, threshold)
+            prob_rows = probs.tolist()
+        self.stats.add("classify", started)
         classified_at = time.time()
         outputs: list[FrameOutput] = []
         offset = 0
-        prob_rows = probs.tolist()
         for size, det in zip(sizes, detections, strict=True):
             n = len(det)
-            outputs.append(
-                FrameOutput(
-                    *size,
-                    _faces(
-                        det,
-                        classifier.meta.classes,
-                        prob_rows[offset : offset + n],
-                        labels[offset : offset + n],
-                    ),
-                    detected_at,
-                    classified_at,
-                )
-            )
+            faces = _faces(det, classes, prob_rows[offset : offset + n], labels[offset : offset + n])
+            outputs.append(FrameOutput(size[0], size[1], faces, detected_at, classified_at))
             offset += n
         return outputs
 
@@ -126,16 +387,14 @@ class Pipeline:
 def _faces(
     det: Detections, classes: list[str] | None, probs: list[list[float]], labels: list[str]
 ) -> tuple[Face, ...]:
-    faces = []
     boxes, lms, scores = det.boxes.tolist(), det.landmarks.tolist(), det.scores.tolist()
-    for i in range(len(det)):
-        faces.append(
-            Face(
-                box=(boxes[i][0], boxes[i][1], boxes[i][2], boxes[i][3]),
-                landmarks=tuple((p[0], p[1]) for p in lms[i]),
-                score=scores[i],
-                label=labels[i] if classes else UNKNOWN,
-                probs=dict(zip(classes, probs[i], strict=True)) if classes else {},
-            )
+    return tuple(
+        Face(
+            box=(boxes[i][0], boxes[i][1], boxes[i][2], boxes[i][3]),
+            landmarks=tuple((p[0], p[1]) for p in lms[i]),
+            score=scores[i],
+            label=labels[i] if classes else UNKNOWN,
+            probs=dict(zip(classes, probs[i], strict=True)) if classes else {},
         )
-    return tuple(faces)
+        for i in range(len(det))
+    )

@@ -8,13 +8,19 @@ from shared.settings import CommonSettings, ModelPathsMixin
 
 
 class InferenceSettings(ModelPathsMixin, CommonSettings):
-    detector: str = Field("cv2-yunet", description="Face detector backend (cv2-yunet, torch-yunet).")
+    detector: str = Field(
+        "auto",
+        description="Face detector backend: cv2-yunet, torch-yunet, or auto = cv2-yunet on CPU (the faster "
+        "one there, see docs/benchmarks.md) and torch-yunet on CUDA (batched on the GPU).",
+    )
     detector_score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet score threshold.")
     detector_max_side: int = Field(
         640, ge=64, description="Frames are downscaled to this long side for detection."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when present.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads, also the cap of OpenCV's; 0 = the libraries' default."
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Most frames read and processed per batch.")
     max_wait_ms: int = Field(
         5, ge=0, le=1000, description="Most time to wait to fill a batch once a frame is in hand."
