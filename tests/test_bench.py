@@ -1,0 +1,118 @@
+"""``genderlens bench`` in a reduced mode: it runs every mode end to end and its figures are sane.
+
+No timing thresholds: the CPU is shared and the figures are noisy; docs/benchmarks.md holds real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("psutil")
+
+from services.inference import bench
+from services.inference.bench import build_clip
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS = SHARED / "weights" / "yunet"
+EVAL = SHARED / "data" / "faces" / "eval"
+
+needs_data = pytest.mark.skipif(
+    not (WEIGHTS / "face_detection_yunet_2023mar.onnx").is_file() or not EVAL.is_dir(),
+    reason=f"needs YuNet weights in {WEIGHTS} and eval photos in {EVAL} (the ../shared checkout)",
+)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def check_figures(fig: dict[str, Any], stages: set[str]) -> None:
+    assert fig["frames"] > 0 and fig["fps"] > 0 and fig["faces_per_s"] > 0
+    lat = fig["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] < 60_000
+    assert stages <= set(fig["stages_ms"]), fig["stages_ms"]
+    assert all(v >= 0 and math.isfinite(v) for v in fig["stages_ms"].values())
+    assert 0 < fig["cpu_percent"] < 100 * 64
+    assert 10 < fig["rss_mb"] < 64_000
+
+
+@needs_data
+def test_clip_is_deterministic_640x480_with_1_to_4_portraits() -> None:
+    import cv2
+    import numpy as np
+
+    a, b = build_clip(EVAL, 6, seed=7), build_clip(EVAL, 6, seed=7)
+    assert a.jpegs == b.jpegs and a.pasted == b.pasted
+    assert all(1 <= n <= 4 for n in a.pasted)
+    image = cv2.imdecode(np.frombuffer(a.jpegs[0], np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (480, 640, 3)
+
+
+def test_missing_photos_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not (WEIGHTS / "face_detection_yunet_2023mar.onnx").is_file():
+        pytest.skip("needs the YuNet weights to get past the weights check")
+    args = parse("--photos", str(tmp_path / "nowhere"), "--frames", "2", "--weights-dir", str(WEIGHTS))
+    assert bench.run(args) == 2
+    err = capsys.readouterr().err
+    assert "no face photos" in err and "--photos" in err
+
+
+@needs_data
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_reduced_bench_produces_sane_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = parse(
+        "--frames",
+        "8",
+        "--cameras",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--batch-size",
+        "4",
+        "--rate-seconds",
+        "1",
+        "--no-scaling",
+        "--photos",
+        str(EVAL),
+        "--weights-dir",
+        str(WEIGHTS),
+        "--models-dir",
+        str(tmp_path / "no-models"),
+        "--json",
+        str(out),
+    )
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert {"naive", "pipeline", "system", "ratios"} <= report.keys()
+    check_figures(report["naive"], {"decode", "detect", "crop", "classify"})
+    check_figures(report["pipeline"], {"decode", "detect", "crop", "classify"})
+    check_figures(report["system"], {"decode", "detect", "crop", "classify", "redis_io"})
+    check_figures(report["system"]["fixed_rate"], {"decode", "detect", "crop", "classify", "redis_io"})
+    # Same frames, same faces: the naive loop and the pipeline (cv2-yunet) agree exactly.
+    assert report["identical"]["identical"], report["identical"]
+    cv2_pipeline = report["detectors"]["cv2-yunet"] if "detectors" in report else report["pipeline"]
+    assert report["naive"]["faces"] == cv2_pipeline["faces"] == report["identical"]["faces_compared"]
+    system = report["system"]
+    assert system["frames"] == system["published"] == 8  # every frame answered at max rate
+    assert sum(system["results_per_camera"].values()) == 8 and len(system["results_per_camera"]) == 2
+    assert system["no_duplicate_results"]
+    fixed = system["fixed_rate"]
+    assert fixed["published"] == 2 * round(bench.DEFAULT_RATE_FPS)  # 15 fps x 1 s x 2 cameras
+    assert fixed["frames"] + fixed["counters"].get("dropped_stale", 0) == fixed["published"]
+    ratios = report["ratios"]
+    assert ratios["pipeline_vs_naive"] > 0 and ratios["system_vs_pipeline"] > 0
+    assert ratios["two_workers_vs_one"] is None  # --no-scaling
+    assert "untrained" in report["config"]["model"]
