@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -514,7 +515,9 @@ def _publisher_main(
     while sent < total:
         if rate_fps is None:
             while sent - answered() >= in_flight:
-                time.sleep(0.001)
+                # Workers hold up to two batches each, so a few ms here never starves them, while
+                # polling faster would take CPU from them on a small machine.
+                time.sleep(0.003)
         else:
             delay = started + sent / (rate_fps * len(cameras)) - time.perf_counter()
             if delay > 0:
@@ -735,6 +738,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare-detectors", action="store_true", help="also time the pipeline with every detector"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="in-process modes: rounds (interleaved), best one reported"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -876,6 +882,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": batch_size,
             "max_wait_ms": max_wait_ms,
             "threads": args.threads or torch.get_num_threads(),
+            "rounds": args.rounds,
             "torch": torch.__version__,
             "opencv": cv2.__version__,
         },
@@ -890,34 +897,46 @@ def run(args: argparse.Namespace) -> int:
             args.models_dir or settings.models_dir, args.device, Path(tmp)
         )
         report["config"]["model"] = model_name
-        naive_out: list[list[FaceOut]] | None = None
+        # In-process cases; every round runs each of them once, in turn, so that a burst of load from
+        # elsewhere hits all of them alike; each keeps its best round (the least disturbed).
+        cases: dict[str, Callable[[], tuple[dict[str, Any], list[list[FaceOut]]]]] = {}
         if "naive" in modes:
-            progress(f"naive loop on {len(jpegs)} frames")
-            report["naive"], naive_out = run_naive(jpegs, classifier, weights_dir, score)
-            progress("naive loop, tutorial box crop")
-            report["naive_bbox"], bbox_out = run_naive(jpegs, classifier, weights_dir, score, bbox_crop=True)
-            report["naive_bbox"]["labels_agreeing_with_aligned"] = compare(naive_out, bbox_out)[
-                "labels_equal"
-            ]
+            cases["naive"] = lambda: run_naive(jpegs, classifier, weights_dir, score)
+            cases["naive_bbox"] = lambda: run_naive(jpegs, classifier, weights_dir, score, bbox_crop=True)
+        names: list[str] = []
         if "pipeline" in modes:
             names = [detector]
-            if naive_out is not None and detector != "cv2-yunet":
+            if "naive" in modes and detector != "cv2-yunet":
                 names.append("cv2-yunet")  # the detector the naive loop uses: for the identity check
             if args.compare_detectors:
                 names += [n for n in ("cv2-yunet", "torch-yunet") if n not in names]
-            runs = {}
             for name in names:
-                progress(f"pipeline with {name}, batches of {batch_size}")
-                runs[name] = run_pipeline(
-                    jpegs, classifier, name, weights_dir, score, args.device, batch_size
+                cases[f"pipeline[{name}]"] = functools.partial(
+                    run_pipeline, jpegs, classifier, name, weights_dir, score, args.device, batch_size
                 )
-            report["pipeline"], pipe_out = runs[detector]
-            if len(runs) > 1:
-                report["detectors"] = {name: fig for name, (fig, _) in runs.items()}
-            if naive_out is not None:
+        best: dict[str, tuple[dict[str, Any], list[list[FaceOut]]]] = {}
+        for round_ in range(1, args.rounds + 1):
+            for case, fn in cases.items():
+                progress(f"round {round_}/{args.rounds}: {case} on {len(jpegs)} frames")
+                fig, outs = fn()
+                if case not in best or fig["fps"] > best[case][0]["fps"]:
+                    best[case] = (fig, outs)
+        for fig, _ in best.values():
+            fig["best_of_rounds"] = args.rounds
+        if "naive" in modes:
+            report["naive"], naive_out = best["naive"]
+            report["naive_bbox"], bbox_out = best["naive_bbox"]
+            report["naive_bbox"]["labels_agreeing_with_aligned"] = compare(naive_out, bbox_out)[
+                "labels_equal"
+            ]
+        if names:
+            report["pipeline"], pipe_out = best[f"pipeline[{detector}]"]
+            if len(names) > 1:
+                report["detectors"] = {name: best[f"pipeline[{name}]"][0] for name in names}
+            if "naive" in modes:
                 report["identical"] = {
                     "pipeline_detector": "cv2-yunet",
-                    **compare(naive_out, runs["cv2-yunet"][1]),
+                    **compare(naive_out, best["pipeline[cv2-yunet]"][1]),
                 }
                 if detector != "cv2-yunet":
                     report["agreement_default_detector"] = {
