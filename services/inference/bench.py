@@ -773,20 +773,26 @@ def _load_classifier(models_dir: Path | None, device: str, tmp: Path) -> tuple[C
 
 
 def _host() -> dict[str, Any]:
+    """What else the machine is doing (the figures depend on it): load and the busiest processes."""
     import psutil
 
-    return {
-        "cpus": os.cpu_count(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "busiest_other_processes": [
-            {"pid": p.info["pid"], "name": p.info["name"], "cpu_percent": p.info["cpu_percent"]}
-            for p in sorted(
-                (p for p in psutil.process_iter(["pid", "name", "cpu_percent"]) if p.pid != os.getpid()),
-                key=lambda p: p.info["cpu_percent"] or 0,
-                reverse=True,
-            )[:3]
-        ],
-    }
+    procs = [p for p in psutil.process_iter() if p.pid != os.getpid()]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)  # the first call only starts the measurement
+    time.sleep(1.0)
+    busy: list[tuple[float, psutil.Process]] = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            busy.append((p.cpu_percent(None), p))
+    busy.sort(key=lambda item: item[0], reverse=True)
+    top = []
+    for pct, p in busy[:4]:
+        if pct < 5:
+            break
+        with contextlib.suppress(psutil.Error):
+            top.append({"pid": p.pid, "cpu_percent": pct, "cmd": " ".join(p.cmdline())[:120]})
+    return {"cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "busy_processes": top}
 
 
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
@@ -824,6 +830,11 @@ def _table(report: dict[str, Any]) -> str:
             ratios.get("two_workers_vs_one"),
         )
     )
+    for when in ("host_before", "host_after"):
+        host = report.get(when)
+        if host:
+            busy = "; ".join(f"{p['cpu_percent']:.0f}% {p['cmd'][:60]}" for p in host["busy_processes"])
+            lines.append(f"{when}: load {host['load_avg']} on {host['cpus']} cpus; busy: {busy or 'none'}")
     ident = report.get("identical")
     if ident:
         lines.append(
