@@ -706,26 +706,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=300, help="frames in the clip")
     parser.add_argument("--cameras", type=int, default=1, help="cameras the system run publishes as")
     parser.add_argument("--workers", type=int, default=1, help="worker processes in the system run")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the pipeline runs")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of face photos")
     parser.add_argument(
-        "--weights-dir", type=Path, help="YuNet weights folder (default: env, else ../shared/weights/yunet)"
+        "--weights-dir",
+        type=Path,
+        help="YuNet weights folder; unset = the setting, else ../shared/weights/yunet",
     )
     parser.add_argument(
         "--models-dir",
         type=Path,
-        help="model artifacts folder whose current model is used (default: env/settings); "
-        "without one an untrained gendernet is used (speed is the same, labels meaningless)",
+        help="model artifacts folder whose current model is used; unset = the setting (models/). "
+        "Without a current model an untrained gendernet is used (same speed, meaningless labels)",
     )
-    parser.add_argument("--detector", help="detector for the pipeline and system (default: the setting)")
-    parser.add_argument("--batch-size", type=int, help="frames per batch (default: the setting)")
-    parser.add_argument("--max-wait-ms", type=int, help="micro-batch wait (default: the setting)")
+    parser.add_argument("--detector", help="detector for the pipeline and system; unset = the setting (auto)")
+    parser.add_argument("--batch-size", type=int, help="frames per batch; unset = the setting")
+    parser.add_argument("--max-wait-ms", type=int, help="micro-batch wait; unset = the setting")
     parser.add_argument(
         "--threads",
         type=int,
         default=0,
-        help="torch and OpenCV threads in this process and in the one-worker system run (0 = default)",
+        help="torch and OpenCV threads in this process and in the system run's workers; 0 = the libraries' default here and cores/W per worker",
     )
     parser.add_argument("--rate-fps", type=float, default=DEFAULT_RATE_FPS, help="fixed-rate run, per camera")
     parser.add_argument("--rate-seconds", type=float, default=20.0, help="length of the fixed-rate run")
