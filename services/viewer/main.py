@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 
+import uvicorn
 from pydantic import ValidationError
 
 from services.viewer.settings import ViewerSettings
@@ -40,8 +44,6 @@ def load_settings(args: argparse.Namespace) -> ViewerSettings:
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_level)
-    import uvicorn
-
     from services.viewer.app import create_app
 
     app = create_app(settings)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "on" if settings.blur_faces else "off",
     )
     # Access logs off: every MJPEG client and API poll would log a line per request.
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -62,4 +64,22 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=3,
     )
+    _CleanExitServer(config).run()
     return 0
+
+
+class _CleanExitServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT end in exit status 0 after the graceful shutdown.
+
+    uvicorn re-raises a captured signal once it has shut down (the process then dies of SIGTERM,
+    status -15); for our services a drained, clean stop is exit 0, which supervisors and tests check.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
