@@ -69,3 +69,18 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path, eval_dir: Path, we
     time.sleep(0.5)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"orphans left running: {[c.cmdline() for c in alive]}"
+
+
+def test_up_without_a_camera_names_the_source_flag() -> None:
+    """No webcam at index 63 on any test machine: a clear message naming --source, non-zero exit, and
+    nothing started (it fails before Redis or any child process)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--source", "webcam:63"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "no camera could be opened" in proc.stderr and "--source" in proc.stderr
+    assert "genderlens viewer:" not in proc.stdout
