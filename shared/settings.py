@@ -37,7 +37,9 @@ class CommonSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
 
