@@ -258,3 +258,22 @@ def test_a_bad_pointer_is_reported_once(tmp_path: Path) -> None:
     (tmp_path / "current").write_text("../etc\n")
     assert manager.check() is False and manager.check() is False
     assert len(events) == 1 and events[0][0] == "error"
+
+
+def test_a_model_event_wakes_the_model_manager(server: RedisServer, tmp_path: Path) -> None:
+    from shared.schema import ModelEvent
+
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    worker = _worker(server, tmp_path, StubPipeline())
+    old = ModelEvent(name="gendernet", version="v8", path="gendernet-v8", at=time.time())
+    client.xadd(C.MODEL_EVENTS_STREAM, old.to_fields())
+    worker._poll_model_events()
+    worker._poll_model_events()
+    assert not worker.models._wake.is_set()  # nothing new since the worker started
+    event = ModelEvent(name="gendernet", version="v9", path="gendernet-v9", at=time.time())
+    client.xadd(C.MODEL_EVENTS_STREAM, event.to_fields())
+    worker._poll_model_events()
+    assert worker.models._wake.is_set()
+    worker.models._wake.clear()
+    worker._poll_model_events()  # the same event is not seen twice
+    assert not worker.models._wake.is_set()

@@ -166,9 +166,9 @@ class Worker:
         self._next_cameras = 0.0
         self._next_claim = 0.0
         self._next_model_events = 0.0
-        # Model events newer than our start wake the model manager (older ones were already applied
-        # by the pointer file we read at start-up).
-        self._model_events_id = f"{int(time.time() * 1000)}-0"
+        # Model events after our first look wake the model manager (older ones are already in the
+        # pointer file read at start-up). Taken from Redis, not our clock, which may differ from its.
+        self._model_events_id: bytes | None = None
         self._claim_cursor: dict[str, bytes] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self._health = Path(settings.health_file) if settings.health_file else None
@@ -249,11 +249,15 @@ class Worker:
     def _poll_model_events(self) -> None:
         """A non-blocking XREAD of the model-events stream: a promote/rollback wakes the model
         manager at once instead of at its next poll."""
+        if self._model_events_id is None:
+            last: Any = self.client.xrevrange(C.MODEL_EVENTS_STREAM, count=1)
+            self._model_events_id = bytes(last[0][0]) if last else b"0-0"
+            return
         reply: Any = self.client.xread({C.MODEL_EVENTS_STREAM: self._model_events_id}, count=16)
         if not reply:
             return
         items = reply[0][1]
-        self._model_events_id = items[-1][0].decode()
+        self._model_events_id = bytes(items[-1][0])
         log.info("model event received: checking the current model now")
         self.models.wake()
 
