@@ -183,9 +183,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await reader.stop(task)
             await client.aclose()
 
     app = FastAPI(

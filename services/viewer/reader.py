@@ -46,16 +46,25 @@ class Reader:
         self.state = state
         self._positions: dict[str, str] = {}  # stream -> last id read
         self._next_refresh = 0.0
+        self._stopping = False
+
+    async def stop(self, task: asyncio.Task[None], timeout_s: float = 5.0) -> None:
+        """Cancel the reader task and wait for it. Cancelling once is not enough: redis-py can turn a
+        cancellation that lands while a connection is being opened into a ConnectionError, which the
+        loop would treat as an outage, so the flag ends the loop and the cancel is repeated."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout_s
+        while not task.done() and time.monotonic() < deadline:
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.done():
+            log.warning("viewer reader did not stop within %.0fs", timeout_s)
 
     async def run(self) -> None:
         backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while True:
+        while not self._stopping:
             try:
                 await self.step()
-                if not self.state.redis_ok:
-                    log.info("redis reachable; following %d cameras", len(self.state.cameras))
-                self.state.redis_ok, self.state.redis_error, self.state.ever_connected = True, None, True
-                M.REDIS_UP.set(1)
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -64,6 +73,16 @@ class Reader:
             except Exception:  # the reader must outlive any one bad surprise; the page depends on it
                 log.exception("viewer reader error; continuing")
                 await asyncio.sleep(1.0)
+
+    def _up(self) -> None:
+        """Called after every successful round trip (not only after a whole step: a step ends with a
+        blocking XREAD, and the page must not say "reconnecting" for its duration)."""
+        if not self.state.redis_ok:
+            log.info("redis reachable; following %d cameras", len(self.state.cameras))
+            self.state.redis_ok, self.state.redis_error, self.state.ever_connected = True, None, True
+            M.REDIS_UP.set(1)
+            for view in self.state.cameras.values():
+                view.notify()
 
     async def _down(self, backoff: Backoff, exc: BaseException) -> None:
         if self.state.redis_ok or backoff.attempt == 0:
@@ -80,12 +99,14 @@ class Reader:
     async def step(self) -> None:
         if time.monotonic() >= self._next_refresh:
             await self.refresh()
+            self._up()
             self._next_refresh = time.monotonic() + REFRESH_S
         streams = {s: pos for s, pos in self._positions.items()}
         if not streams:
             await asyncio.sleep(0.2)
             return
         reply: Any = await self.client.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        self._up()
         received_at = time.time()
         # Frames first, so a result read in the same reply finds its frame in the ring buffer.
         batches = sorted(
