@@ -1,0 +1,246 @@
+"""Measure label flicker on a real clip: raw per-frame labels vs the viewer's tracked, smoothed labels.
+
+    python -m services.viewer.flicker --models-dir models --weights-dir ../shared/weights/yunet
+
+1. A clip is made from real photos (``../shared/data/faces/eval``): each photo is filmed for a few
+   seconds with a slow zoom and pan plus sensor noise and MJPG compression, so every frame differs a
+   little, as on a live camera; faces are found and classified per frame by the same pipeline the
+   workers run (YuNet + the current model).
+2. The results are replayed through two :class:`FaceTracker` instances: ``smooth=False`` shows what a
+   per-frame label display would do, ``smooth=True`` what the wall shows. A third replay delivers the
+   results out of order, as several workers would.
+3. Flicker = changes of the shown label per track per minute of track time.
+
+This is a development tool (it imports torch through the inference pipeline); the viewer never
+imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from services.viewer.tracker import FaceTracker
+from shared.schema import ModelRef, Result, Timestamps
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARED = Path(__file__).resolve().parents[3] / "shared"
+
+
+def pick_photos(eval_dir: Path, n: int, seed: int = 0) -> list[Path]:
+    """n portraits, alternating female/male, chosen reproducibly."""
+    rng = random.Random(seed)
+    per: list[list[Path]] = []
+    for gender in ("female", "male"):
+        paths = sorted((eval_dir / gender / "pixabay").glob("*.jpg"))
+        rng.shuffle(paths)
+        per.append(paths)
+    photos = [p for pair in zip(*per, strict=False) for p in pair]
+    return photos[:n]
+
+
+def make_clip(
+    photos: list[Path],
+    out: Path,
+    *,
+    fps: float = 15.0,
+    seconds_per_photo: float = 4.0,
+    size: tuple[int, int] = (640, 480),
+    seed: int = 0,
+) -> Path:
+    """Write an MJPG .avi that films each photo with a slow zoom/pan and noise (see module doc)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"cannot write {out}")
+    frames = round(fps * seconds_per_photo)
+    try:
+        for index, path in enumerate(photos):
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                continue
+            # Fit the photo at 75% so a zoom up to 1.15 still shows the whole face; alternate it left
+            # and right, so the next person is a new track (as someone else walking in would be)
+            # rather than inheriting the previous person's track at the cut.
+            base = 0.75 * min(width / image.shape[1], height / image.shape[0])
+            centre_x = width * (0.32 if index % 2 == 0 else 0.68)
+            direction = rng.choice([-1.0, 1.0], size=2)
+            for i in range(frames):
+                t = i / max(1, frames - 1)
+                scale = base * (1.0 + 0.15 * t)
+                dx, dy = direction * 20 * (t - 0.5)
+                matrix = np.array(
+                    [
+                        [scale, 0, centre_x - image.shape[1] * scale / 2 + dx],
+                        [0, scale, (height - image.shape[0] * scale) / 2 + dy],
+                    ],
+                    dtype=np.float64,
+                )
+                frame = cv2.warpAffine(image, matrix, (width, height), borderValue=(40, 40, 40))
+                noise = rng.normal(0, 4, frame.shape)
+                writer.write(np.clip(frame + noise, 0, 255).astype(np.uint8))
+    finally:
+        writer.release()
+    return out
+
+
+def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fps: float) -> list[Result]:
+    """Run the workers' pipeline (YuNet + current model) on every frame of the clip."""
+    from services.inference.pipeline import Pipeline
+    from shared.detectors import DetectorConfig, create
+    from shared.models.artifact import current_dir, load_artifact
+
+    target = current_dir(models_dir)
+    if target is None:
+        raise SystemExit(f"no current model in {models_dir}: flicker needs a classifier")
+    classifier = load_artifact(target, "cpu")
+    pipeline = Pipeline(create("cv2-yunet", DetectorConfig(weights_dir=weights_dir)), "cpu")
+    model = ModelRef(classifier.meta.name, classifier.meta.version)
+    capture = cv2.VideoCapture(str(clip))
+    results: list[Result] = []
+    seq = 0
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal seq
+        outputs = pipeline.run(batch, classifier, None)
+        for out in outputs:
+            t = seq / fps
+            results.append(
+                Result(
+                    camera_id="clip",
+                    seq=seq,
+                    frame_id=f"{seq}-0",
+                    width=out.width,
+                    height=out.height,
+                    timestamps=Timestamps(t, t, t, t, t),
+                    model=model,
+                    worker="flicker",
+                    faces=out.faces,
+                )
+            )
+            seq += 1
+        batch.clear()
+
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        batch.append(np.asarray(frame, dtype=np.uint8))
+        if len(batch) == 16:
+            flush()
+    if batch:
+        flush()
+    capture.release()
+    log.info("%d frames, %d faces, model %s", len(results), sum(len(r.faces) for r in results), target.name)
+    return results
+
+
+@dataclass
+class Flicker:
+    tracks: int
+    track_minutes: float
+    changes: int
+
+    @property
+    def per_track_minute(self) -> float:
+        return self.changes / self.track_minutes if self.track_minutes else 0.0
+
+
+def replay(results: list[Result], tracker: FaceTracker, fps: float, min_frames: int = 5) -> Flicker:
+    """Feed results (in the given order) and count changes of the shown label per track.
+
+    Changes are counted in seq order per track (what a viewer watching the tile sees); tracks shorter
+    than ``min_frames`` (spurious detections) are left out."""
+    shown: dict[int, dict[int, str]] = {}
+    for result in results:
+        for face in tracker.update(result):
+            shown.setdefault(face.track_id, {})[result.seq] = face.label
+    tracks = changes = 0
+    minutes = 0.0
+    for by_seq in shown.values():
+        if len(by_seq) < min_frames:
+            continue
+        labels = [by_seq[s] for s in sorted(by_seq)]
+        tracks += 1
+        changes += sum(a != b for a, b in itertools.pairwise(labels))
+        minutes += (max(by_seq) - min(by_seq) + 1) / fps / 60
+    return Flicker(tracks, minutes, changes)
+
+
+def out_of_order(results: list[Result], workers: int = 3, seed: int = 0) -> list[Result]:
+    """Arrival order of results from several workers: each frame's result is late by up to
+    ``workers - 1`` frames."""
+    rng = random.Random(seed)
+    keyed = [(r.seq + rng.uniform(0, workers - 1), r) for r in results]
+    return [r for _, r in sorted(keyed, key=lambda kv: kv[0])]
+
+
+def measure(results: list[Result], fps: float, threshold: float, window: int) -> dict[str, Any]:
+    raw = replay(results, FaceTracker(threshold, smooth=False), fps)
+    smooth = replay(results, FaceTracker(threshold, window=window), fps)
+    shuffled = replay(out_of_order(results), FaceTracker(threshold, window=window), fps)
+    return {
+        "frames": len(results),
+        "fps": fps,
+        "uncertain_threshold": threshold,
+        "window": window,
+        "raw": {**raw.__dict__, "per_track_minute": round(raw.per_track_minute, 2)},
+        "smoothed": {**smooth.__dict__, "per_track_minute": round(smooth.per_track_minute, 2)},
+        "smoothed_out_of_order": {
+            **shuffled.__dict__,
+            "per_track_minute": round(shuffled.per_track_minute, 2),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--weights-dir", type=Path, default=DEFAULT_SHARED / "weights" / "yunet")
+    parser.add_argument("--eval-dir", type=Path, default=DEFAULT_SHARED / "data" / "faces" / "eval")
+    parser.add_argument("--photos", type=int, default=16, help="photos in the clip")
+    parser.add_argument("--seconds-per-photo", type=float, default=4.0)
+    parser.add_argument("--fps", type=float, default=15.0)
+    parser.add_argument("--threshold", type=float, default=0.6, help="viewer uncertain_threshold")
+    parser.add_argument("--window", type=int, default=15, help="smoothing window (frames)")
+    parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
+    parser.add_argument("--json-out", type=Path, default=Path("test-artifacts/flicker.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(message)s")
+    args.clip.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    photos = pick_photos(args.eval_dir, args.photos)
+    make_clip(photos, args.clip, fps=args.fps, seconds_per_photo=args.seconds_per_photo)
+    results = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
+    report = measure(results, args.fps, args.threshold, args.window)
+    report["photos"] = [str(p.relative_to(args.eval_dir)) for p in photos]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report, indent=2))
+    for name in ("raw", "smoothed", "smoothed_out_of_order"):
+        row = report[name]
+        sys.stdout.write(
+            f"{name:22s} tracks {row['tracks']:3d}  track-minutes {row['track_minutes']:.2f}  "
+            f"changes {row['changes']:4d}  per track per minute {row['per_track_minute']:.2f}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
