@@ -37,6 +37,12 @@ class AugmentConfig:
     noise_p: float = 0.3
     noise_std: float = 0.04
     erase_p: float = 0.25
+    #: Unsharp masking: photos from good cameras are sharper than the training chips.
+    sharpen_p: float = 0.3
+    sharpen_amount: tuple[float, float] = (0.5, 2.0)
+    #: Black out the crop beyond a random straight edge: what a face at the border of a frame gives.
+    edge_p: float = 0.2
+    edge_max: float = 0.35
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -116,6 +122,15 @@ def augment(
         xb = F.conv2d(F.pad(xb, (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
         xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
         x = torch.where(blur.view(b, 1, 1, 1), xb.view(b, 3, s, s), x)
+    sharpen = _bern(gen, b, cfg.sharpen_p, device)
+    if sharpen.any():
+        k = _gaussian_kernels(torch.full((b,), 1.0, device=device), 3)
+        kh = k.repeat_interleave(3, dim=0).view(b * 3, 1, 1, -1)
+        xs = F.conv2d(F.pad(x.reshape(1, b * 3, s, s), (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
+        xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
+        amount = _uniform(gen, b, *cfg.sharpen_amount, device).view(b, 1, 1, 1)
+        sharp = (x + amount * (x - xs.view(b, 3, s, s))).clamp(0, 1)
+        x = torch.where(sharpen.view(b, 1, 1, 1), sharp, x)
     lowres = _bern(gen, b, cfg.lowres_p, device)
     if lowres.any():
         side = int(torch.randint(s // 3, s - s // 8, (1,), generator=gen))
@@ -147,4 +162,16 @@ def augment(
             & erase.view(b, 1, 1)
         ).unsqueeze(1)
         x = torch.where(mask, fill.expand_as(x), x)
+
+    # Frame edge: zero beyond a random line that cuts off at most ``edge_max`` of the crop from one side.
+    edge = _bern(gen, b, cfg.edge_p, device)
+    if edge.any():
+        phi = _uniform(gen, b, 0, 2 * math.pi, device)
+        depth = _uniform(gen, b, 1 - 2 * cfg.edge_max, 1.0, device)  # in normalised units, -1..1
+        coords = torch.linspace(-1, 1, s, device=device)
+        proj = torch.cos(phi).view(b, 1, 1) * coords.view(1, 1, s) + torch.sin(phi).view(
+            b, 1, 1
+        ) * coords.view(1, s, 1)
+        outside = (proj > depth.view(b, 1, 1)) & edge.view(b, 1, 1)
+        x = x.masked_fill(outside.unsqueeze(1), 0.0)
     return x

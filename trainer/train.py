@@ -300,7 +300,7 @@ def balance_bias(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return best
 
 
-def uncertain_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float = 0.98) -> float:
+def uncertain_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float = 0.97) -> float:
     """Lowest top-class probability above which validation accuracy reaches ``target`` (0.55..0.9)."""
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).float()
