@@ -152,10 +152,13 @@ class Renderer:
 
 
 def _part(jpeg: bytes) -> bytes:
+    """One MJPEG part *followed by* the next boundary: browsers show a part only once they see the
+    boundary after it, so sending it with the part (not with the next frame) avoids showing every
+    frame one frame late, and a status placeholder a keep-alive late."""
     return (
-        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+        f"Content-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
         + jpeg
-        + b"\r\n"
+        + f"\r\n--{BOUNDARY}\r\n".encode()
     )
 
 
@@ -290,6 +293,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         sent = 0
         M.STREAM_CLIENTS.inc()
         try:
+            yield f"--{BOUNDARY}\r\n".encode()
             while True:
                 view = state.cameras.get(camera_id)
                 if view is None:
@@ -349,8 +353,16 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         view = view_or_404(camera_id)
         key, jpeg = await renderer.current(view, blur or settings.blur_faces)
         headers = {"Cache-Control": "no-store", "X-Genderlens-Kind": str(key[0])}
-        if key[0] == "shown" and view.shown is not None:
-            headers["X-Genderlens-Seq"] = str(view.shown.result.seq)
+        shown = view.shown
+        if key[0] == "shown" and shown is not None and key[1:] == (shown.frame.entry_id, shown.result.seq):
+            # What was drawn, so a client can tell where the boxes are without parsing pixels.
+            headers["X-Genderlens-Seq"] = str(shown.result.seq)
+            headers["X-Genderlens-Faces"] = json.dumps(
+                [
+                    {"track_id": f.track_id, "box": [round(v, 1) for v in f.box], "label": f.label}
+                    for f in shown.faces[:20]
+                ]
+            )
         return Response(jpeg, media_type="image/jpeg", headers=headers)
 
     # -- API -------------------------------------------------------------------------------------
@@ -418,6 +430,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             entry_id, *_ = await pipe.execute()
         except DOWN_ERRORS as exc:
             raise HTTPException(503, f"redis unavailable ({type(exc).__name__})") from None
+        state.removed_at[camera_id] = request.at
         state.remove_camera(camera_id)
         renderer.forget(camera_id)
         state.subscribers.publish({"type": "cameras", "cameras": cameras_json()})

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from services.viewer import metrics as M
 from services.viewer.state import ViewerState
 from shared import constants as C
-from shared.schema import CameraInfo, Event, Frame, ModelEvent, Result, SchemaError
+from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import REDIS_DOWN_ERRORS, Backoff
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ class Reader:
             elif stream == C.EVENTS_STREAM:
                 self.state.events.append((entry_id, Event.from_fields(fields)))
                 self.state.subscribers.publish({"type": "events", "events": self.state.refused_events()})
+            elif stream == C.CAMERA_REQUESTS_STREAM:
+                request = CameraRequest.from_fields(fields)
+                if request.action == "remove":
+                    previous = self.state.removed_at.get(request.camera_id, 0.0)
+                    self.state.removed_at[request.camera_id] = max(previous, request.at)
             elif stream == C.MODEL_EVENTS_STREAM:
                 event = ModelEvent.from_fields(fields)
                 self.state.model_event = {"name": event.name, "version": event.version, "at": event.at}
@@ -189,16 +194,29 @@ class Reader:
 
     # -- periodic refresh --------------------------------------------------------------------------
     async def refresh(self) -> None:
+        if C.EVENTS_STREAM not in self._positions:
+            # First (camera requests included: removals decide which registry entries are stale).
+            await self._seed_events()
         raw: Any = await self.client.hgetall(C.CAMERAS_KEY)
         infos: dict[str, CameraInfo] = {}
+        stale: list[str] = []
         for key, value in (raw or {}).items():
             camera_id = _s(key)
             if not C.is_valid_camera_id(camera_id):
                 continue  # never let a bad id reach a key name or the page
             try:
-                infos[camera_id] = CameraInfo.unpack(value)
+                info = CameraInfo.unpack(value)
             except SchemaError as exc:
                 log.warning("camera %s: bad registry entry: %s", camera_id, exc.reason)
+                continue
+            if self.state.is_removed(info):
+                stale.append(camera_id)
+                continue
+            infos[camera_id] = info
+        if stale:
+            # Left behind by a capture process stopped after its camera was removed: drop it, so
+            # workers and other viewers stop following it too.
+            await self.client.hdel(C.CAMERAS_KEY, *stale)
         for camera_id in list(self.state.cameras):
             if camera_id not in infos:
                 self.state.remove_camera(camera_id)
@@ -217,8 +235,6 @@ class Reader:
                 view.notify()
             if C.frames_stream(camera_id) not in self._positions:
                 await self._seed(camera_id)
-        if C.EVENTS_STREAM not in self._positions:
-            await self._seed_events()
         self.state.workers = await self.read_workers()
         M.CAMERAS.set(len(self.state.cameras))
         M.WORKERS.set(len(self.state.workers))
@@ -237,14 +253,18 @@ class Reader:
             except SchemaError:
                 continue
             # Seeded frames count by their capture time: an old frame must not look live.
-            view.add_frame(_s(entry_id), frame, min(time.time(), frame.captured_at))
+            view.add_frame(_s(entry_id), frame, min(time.time(), frame.captured_at), live=False)
         for entry_id, fields in reversed(results or []):
             self.handle(results_key, _s(entry_id), fields, time.time())
         self._positions[frames_key] = _s(frames[0][0]) if frames else "0-0"
         self._positions[results_key] = _s(results[0][0]) if results else "0-0"
 
     async def _seed_events(self) -> None:
-        for stream, count in ((C.EVENTS_STREAM, 20), (C.MODEL_EVENTS_STREAM, 1)):
+        for stream, count in (
+            (C.EVENTS_STREAM, 20),
+            (C.MODEL_EVENTS_STREAM, 1),
+            (C.CAMERA_REQUESTS_STREAM, 1000),
+        ):
             entries: Any = await self.client.xrevrange(stream, count=count)
             if stream == C.EVENTS_STREAM:
                 self.state.events.clear()

@@ -100,10 +100,13 @@ class CameraView:
         return self._changed
 
     # -- writers (reader task) ---------------------------------------------------------------------
-    def add_frame(self, entry_id: str, frame: Frame, received_at: float) -> None:
+    def add_frame(self, entry_id: str, frame: Frame, received_at: float, live: bool = True) -> None:
+        """``live=False`` for frames read back from history at start-up: they fill the buffer but
+        must not count towards the frame rate (they all arrive at once)."""
         self.frames.append(BufferedFrame(entry_id, frame, received_at))
         self.last_frame_at = max(self.last_frame_at, received_at)
-        self.frame_rate.tick()
+        if live:
+            self.frame_rate.tick()
         self.frames_seen += 1
         self.notify()
 
@@ -208,6 +211,8 @@ class ViewerState:
     model: dict[str, Any] | None = None  #: model seen in the newest result of any camera
     model_event: dict[str, Any] | None = None  #: newest announcement on the model events stream
     subscribers: Subscribers = field(default_factory=Subscribers)
+    #: camera id -> when its removal was requested (from the camera requests stream, any viewer)
+    removed_at: dict[str, float] = field(default_factory=dict)
     _cameras_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def camera(self, camera_id: str) -> CameraView:
@@ -216,6 +221,13 @@ class ViewerState:
             view = CameraView(camera_id, self.frame_buffer, FaceTracker(self.uncertain_threshold))
             self.cameras[camera_id] = view
         return view
+
+    def is_removed(self, info: CameraInfo) -> bool:
+        """A registry entry older than the camera's removal: written by the capture process that was
+        being stopped (it registers itself once more as "stopped" on its way out). A capture started
+        after the removal (the camera added again) is newer, and shown."""
+        removed = self.removed_at.get(info.camera_id)
+        return removed is not None and info.started_at <= removed
 
     def remove_camera(self, camera_id: str) -> None:
         view = self.cameras.pop(camera_id, None)

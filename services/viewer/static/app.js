@@ -77,8 +77,11 @@ function updateTile(tile, cam) {
   tile.el.querySelector(".fps").textContent = `${fmt(cam.fps, 1)} fps`;
   tile.el.querySelector(".lat").textContent = `${fmt(cam.latency_ms)} ms`;
   const c = cam.counts || {};
+  const parts = [["female", "female"], ["male", "male"], ["uncertain", "uncertain"], ["no_model", "no model"]]
+    .filter(([k]) => c[k]).map(([k, name]) => `${c[k]} ${name}`);
   tile.el.querySelector(".faces").textContent =
-    `${cam.faces} face${cam.faces === 1 ? "" : "s"}` + (cam.faces ? ` · ${c.female || 0}F ${c.male || 0}M ${c.uncertain || 0}?` : "");
+    `${cam.faces} face${cam.faces === 1 ? "" : "s"}` + (parts.length ? ` · ${parts.join(", ")}` : "");
+  if (!cam.inference && status === "live") tile.el.querySelector(".lat").textContent = "no inference";
 }
 
 function applyCameras(cameras) {
