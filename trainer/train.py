@@ -54,6 +54,7 @@ FORCED_ON_RESUME = (
     "weight_decay",
     "label_smoothing",
     "seed",
+    "split_seed",
     "val_fraction",
     "test_fraction",
     "no_face",
@@ -118,7 +119,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where per-epoch checkpoints go (default: CACHE_DIR/runs/<run>)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order, augmentation")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the train/val/test split (keep it when "
+        "training several models to compare or combine on the same held-out images)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument(
@@ -246,6 +254,17 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def fold_calibration(model: nn.Module, shift: torch.Tensor, temperature: float) -> None:
+    """Make the model output ``(logits + shift) / temperature``: folded into the last linear layer (of
+    every member, for a model that averages the logits of ``members``), so serving needs nothing extra."""
+    members = getattr(model, "members", None)
+    heads = [last_linear(m) for m in members] if isinstance(members, nn.ModuleList) else [last_linear(model)]
+    with torch.no_grad():
+        for head in heads:
+            head.weight.div_(temperature)
+            head.bias.add_(shift.to(head.bias.device)).div_(temperature)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
@@ -332,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
         "weight_decay": args.weight_decay,
         "label_smoothing": args.label_smoothing,
         "seed": args.seed,
+        "split_seed": args.split_seed,
         "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
         "no_face": args.no_face,
@@ -401,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         read_duplicate_groups(dup_path),
         config["val_fraction"],
         config["test_fraction"],
-        config["seed"],
+        config.get("split_seed", config["seed"]),
     )
     if len(split.train) == 0 or len(split.val) == 0:
         _err("error: too few usable images for a train/validation split")
@@ -568,10 +588,7 @@ def run(args: argparse.Namespace) -> int:
     if num_classes == 2:
         shift[1] = bias
     temperature = fit_temperature(val_logits + shift, val_labels)
-    head = last_linear(model)
-    with torch.no_grad():
-        head.weight.div_(temperature)
-        head.bias.add_(shift.to(head.bias.device)).div_(temperature)
+    fold_calibration(model, shift, temperature)
     val_probs = torch.softmax(predict_logits(model, crops, split.val, mean, std, device), dim=1)
     threshold = uncertain_threshold(val_probs, val_labels)
     _say(
@@ -605,8 +622,7 @@ def run(args: argparse.Namespace) -> int:
     )
     wall = time.time() - started
     training_info = {
-        "command": "genderlens train "
-        + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]),
+        "command": _command_line(),
         "wall_time_s": round(wall, 1),
         "hardware": {
             "machine": platform.machine(),
@@ -685,6 +701,14 @@ def run(args: argparse.Namespace) -> int:
         url = args.redis_url or settings.redis_url.get_secret_value()
         announce(url, meta, settings.redis_timeout_s)
     return 0
+
+
+def _command_line() -> str:
+    """How this run was started, for the model card (``genderlens train ...`` or ``python -m trainer``)."""
+    argv = sys.argv
+    if argv[1:2] == ["train"]:
+        return " ".join(["genderlens", *argv[1:]])
+    return " ".join(["python -m trainer", *argv[1:]])
 
 
 def _builder_params(arch: str) -> set[str]:
