@@ -32,7 +32,7 @@ import redis
 from services.viewer.flicker import make_clip
 from services.viewer.render import CLASS_COLOURS_BGR
 from shared import constants as C
-from shared.schema import CameraRequest
+from shared.schema import CameraRequest, Event
 from tests.test_viewer_support import (
     REDIS_URL,
     REPO,
@@ -316,6 +316,18 @@ def test_wall_shows_two_live_tiles_whose_images_change(system: System, page: Any
     assert page.locator('.tile[data-camera="alpha"] .status').inner_text().lower() == "live"
     assert "fps" in page.locator('.tile[data-camera="alpha"] .fps').inner_text()
     assert page.locator("#workers-pill").inner_text().startswith("1 worker")
+
+    # A refused model (as a worker reports it) shows up in the side panel.
+    message = "refused model gender-broken: weights do not match model.json; still serving none"
+    system.rdb.xadd(C.EVENTS_STREAM, Event("error", "browser-worker", message, time.time()).to_fields())
+    page.wait_for_selector("#events li:has-text('refused model gender-broken')")
+
+    # Responsive: on a phone-sized screen the tiles stack in one column above the panel.
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_timeout(500)
+    boxes = [page.locator(f'.tile[data-camera="{c}"]').bounding_box() for c in ("alpha", "beta")]
+    assert boxes[0] and boxes[1] and boxes[1]["y"] > boxes[0]["y"] + boxes[0]["height"] - 1
+    page.screenshot(path=str(ARTIFACTS / "wall-narrow.png"), full_page=True)
 
 
 def test_boxes_and_labels_are_drawn_where_faces_are(system: System, page: Any) -> None:

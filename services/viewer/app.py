@@ -143,6 +143,9 @@ class Renderer:
                 jpeg = placeholder("BAD FRAME", f"{view.camera_id}: undecodable JPEG")
             M.RENDER.observe(time.perf_counter() - started)
             self._cache[slot] = (key, jpeg)
+            # Cameras that left the registry (not through DELETE) must not pin their last picture.
+            for gone in [c for c, _ in self._cache if c not in self.state.cameras]:
+                self.forget(gone)
             return key, jpeg
 
     def forget(self, camera_id: str) -> None:

@@ -58,6 +58,7 @@ def make_clip(
     fps: float = 15.0,
     seconds_per_photo: float = 4.0,
     size: tuple[int, int] = (640, 480),
+    scale: float = 0.75,
     seed: int = 0,
 ) -> Path:
     """Write an MJPG .avi that films each photo with a slow zoom/pan and noise (see module doc)."""
@@ -72,20 +73,20 @@ def make_clip(
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 continue
-            # Fit the photo at 75% so a zoom up to 1.15 still shows the whole face; alternate it left
-            # and right, so the next person is a new track (as someone else walking in would be)
-            # rather than inheriting the previous person's track at the cut.
-            base = 0.75 * min(width / image.shape[1], height / image.shape[0])
+            # Fit the photo at ``scale`` of the frame (at 0.75 a zoom up to 1.15 still shows the whole
+            # face); alternate it left and right, so the next person is a new track (as someone else
+            # walking in would be) rather than inheriting the previous person's track at the cut.
+            base = scale * min(width / image.shape[1], height / image.shape[0])
             centre_x = width * (0.32 if index % 2 == 0 else 0.68)
             direction = rng.choice([-1.0, 1.0], size=2)
             for i in range(frames):
                 t = i / max(1, frames - 1)
-                scale = base * (1.0 + 0.15 * t)
+                zoom = base * (1.0 + 0.15 * t)
                 dx, dy = direction * 20 * (t - 0.5)
                 matrix = np.array(
                     [
-                        [scale, 0, centre_x - image.shape[1] * scale / 2 + dx],
-                        [0, scale, (height - image.shape[0] * scale) / 2 + dy],
+                        [zoom, 0, centre_x - image.shape[1] * zoom / 2 + dx],
+                        [0, zoom, (height - image.shape[0] * zoom) / 2 + dy],
                     ],
                     dtype=np.float64,
                 )
@@ -151,34 +152,62 @@ def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fp
 
 @dataclass
 class Flicker:
-    tracks: int
-    track_minutes: float
-    changes: int
+    tracks: int = 0
+    track_minutes: float = 0.0
+    changes: int = 0
+    #: shown labels over all frames of the kept tracks: how many were a class (not "uncertain"), and
+    #: how many of those matched the photo's own label
+    shown: int = 0
+    labelled: int = 0
+    correct: int = 0
 
     @property
     def per_track_minute(self) -> float:
         return self.changes / self.track_minutes if self.track_minutes else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "track_minutes": round(self.track_minutes, 3),
+            "per_track_minute": round(self.per_track_minute, 2),
+            "labelled_share": round(self.labelled / self.shown, 3) if self.shown else None,
+            "labelled_accuracy": round(self.correct / self.labelled, 3) if self.labelled else None,
+        }
 
-def replay(results: list[Result], tracker: FaceTracker, fps: float, min_frames: int = 5) -> Flicker:
+
+def replay(
+    results: list[Result],
+    tracker: FaceTracker,
+    fps: float,
+    *,
+    min_frames: int = 5,
+    truth: list[str] | None = None,
+    frames_per_photo: int = 0,
+) -> Flicker:
     """Feed results (in the given order) and count changes of the shown label per track.
 
     Changes are counted in seq order per track (what a viewer watching the tile sees); tracks shorter
-    than ``min_frames`` (spurious detections) are left out."""
+    than ``min_frames`` (spurious detections) are left out. With ``truth`` (the label of each photo
+    of the clip, ``frames_per_photo`` frames each) the shown labels are also scored."""
     shown: dict[int, dict[int, str]] = {}
     for result in results:
         for face in tracker.update(result):
             shown.setdefault(face.track_id, {})[result.seq] = face.label
-    tracks = changes = 0
-    minutes = 0.0
+    out = Flicker()
     for by_seq in shown.values():
         if len(by_seq) < min_frames:
             continue
         labels = [by_seq[s] for s in sorted(by_seq)]
-        tracks += 1
-        changes += sum(a != b for a, b in itertools.pairwise(labels))
-        minutes += (max(by_seq) - min(by_seq) + 1) / fps / 60
-    return Flicker(tracks, minutes, changes)
+        out.tracks += 1
+        out.changes += sum(a != b for a, b in itertools.pairwise(labels))
+        out.track_minutes += (max(by_seq) - min(by_seq) + 1) / fps / 60
+        if truth and frames_per_photo:
+            for seq, label in by_seq.items():
+                out.shown += 1
+                if label not in ("uncertain", "no model"):
+                    out.labelled += 1
+                    out.correct += label == truth[min(seq // frames_per_photo, len(truth) - 1)]
+    return out
 
 
 def out_of_order(results: list[Result], workers: int = 3, seed: int = 0) -> list[Result]:
@@ -189,21 +218,31 @@ def out_of_order(results: list[Result], workers: int = 3, seed: int = 0) -> list
     return [r for _, r in sorted(keyed, key=lambda kv: kv[0])]
 
 
-def measure(results: list[Result], fps: float, threshold: float, window: int) -> dict[str, Any]:
-    raw = replay(results, FaceTracker(threshold, smooth=False), fps)
-    smooth = replay(results, FaceTracker(threshold, window=window), fps)
-    shuffled = replay(out_of_order(results), FaceTracker(threshold, window=window), fps)
+def measure(
+    results: list[Result],
+    fps: float,
+    threshold: float,
+    window: int,
+    truth: list[str] | None = None,
+    frames_per_photo: int = 0,
+) -> dict[str, Any]:
+    kw: dict[str, Any] = {"truth": truth, "frames_per_photo": frames_per_photo}
+    # Before smoothing, two baselines: the worker's own per-frame label (its model's threshold), and
+    # the viewer's rule applied to each frame alone (same threshold, window of 1, no hysteresis).
+    worker = replay(results, FaceTracker(threshold, smooth=False), fps, **kw)
+    raw = replay(results, FaceTracker(threshold, window=1, hysteresis=0.0), fps, **kw)
+    smooth = replay(results, FaceTracker(threshold, window=window), fps, **kw)
+    shuffled = replay(out_of_order(results), FaceTracker(threshold, window=window), fps, **kw)
     return {
         "frames": len(results),
+        "faces": sum(len(r.faces) for r in results),
         "fps": fps,
         "uncertain_threshold": threshold,
         "window": window,
-        "raw": {**raw.__dict__, "per_track_minute": round(raw.per_track_minute, 2)},
-        "smoothed": {**smooth.__dict__, "per_track_minute": round(smooth.per_track_minute, 2)},
-        "smoothed_out_of_order": {
-            **shuffled.__dict__,
-            "per_track_minute": round(shuffled.per_track_minute, 2),
-        },
+        "worker_labels": worker.to_dict(),
+        "raw": raw.to_dict(),
+        "smoothed": smooth.to_dict(),
+        "smoothed_out_of_order": shuffled.to_dict(),
     }
 
 
@@ -217,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=16, help="photos in the clip")
     parser.add_argument("--seconds-per-photo", type=float, default=4.0)
     parser.add_argument("--fps", type=float, default=15.0)
+    parser.add_argument(
+        "--scale", type=float, default=0.75, help="photo size in the frame (smaller = farther)"
+    )
     parser.add_argument("--threshold", type=float, default=0.6, help="viewer uncertain_threshold")
     parser.add_argument("--window", type=int, default=15, help="smoothing window (frames)")
     parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
@@ -226,18 +268,22 @@ def main(argv: list[str] | None = None) -> int:
     args.clip.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     photos = pick_photos(args.eval_dir, args.photos)
-    make_clip(photos, args.clip, fps=args.fps, seconds_per_photo=args.seconds_per_photo)
+    make_clip(photos, args.clip, fps=args.fps, seconds_per_photo=args.seconds_per_photo, scale=args.scale)
     results = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
-    report = measure(results, args.fps, args.threshold, args.window)
+    truth = [p.relative_to(args.eval_dir).parts[0] for p in photos]  # eval/<gender>/...
+    per_photo = round(args.fps * args.seconds_per_photo)
+    report = measure(results, args.fps, args.threshold, args.window, truth, per_photo)
+    report["scale"] = args.scale
     report["photos"] = [str(p.relative_to(args.eval_dir)) for p in photos]
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(report, indent=2))
-    for name in ("raw", "smoothed", "smoothed_out_of_order"):
+    for name in ("worker_labels", "raw", "smoothed", "smoothed_out_of_order"):
         row = report[name]
         sys.stdout.write(
-            f"{name:22s} tracks {row['tracks']:3d}  track-minutes {row['track_minutes']:.2f}  "
-            f"changes {row['changes']:4d}  per track per minute {row['per_track_minute']:.2f}\n"
+            f"{name:22s} tracks {row['tracks']:3d}  track-min {row['track_minutes']:.2f}  "
+            f"changes {row['changes']:4d}  per track-min {row['per_track_minute']:6.2f}  "
+            f"labelled {row['labelled_share']}  accuracy {row['labelled_accuracy']}\n"
         )
     return 0
 
