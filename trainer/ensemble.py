@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-announce", action="store_true")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="also average each crop with its mirror image "
+        "(twice the compute; the members' own setting is ignored)",
+    )
 
 
 def _say(message: str) -> None:
@@ -84,12 +90,14 @@ def run(args: argparse.Namespace) -> int:
     config: dict[str, Any] = {
         "members": len(members),
         "width": first.arch_config.get("width", 32),
-        "flip_tta": any(m.meta.arch_config.get("flip_tta", False) for m in members),
+        "flip_tta": bool(args.flip_tta),
     }
     model = build_model("gendernet_ensemble", len(first.classes), **config)
     state = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.module.state_dict().items()}
     model.load_state_dict(state, strict=True)
     model.eval()
+    for m in members:
+        setattr(m.module, "flip_tta", bool(args.flip_tta))  # noqa: B010 (members scored as they serve)
 
     catalog = read_dataset(args.data, args.format)
     if catalog.classes != first.classes:
