@@ -128,20 +128,38 @@ def face_caption(face: TrackedFace) -> str:
     return f"{face.label} {face.confidence * 100:.0f}% #{face.track_id}"
 
 
-def draw_faces(image: Image, faces: Sequence[TrackedFace]) -> None:
+def hud_height(image: Image) -> int:
+    """Height of the HUD line at the top (labels are kept clear of it)."""
+    height, width = image.shape[:2]
+    unit = max(width, height) / 1000
+    (_, th), base = cv2.getTextSize("Ay", FONT, max(0.55, 0.7 * unit), max(1, round(1.5 * unit)))
+    return th + 2 * max(2, int(th * 0.35)) + base // 2
+
+
+def draw_faces(image: Image, faces: Sequence[TrackedFace], reserved_top: int = 0) -> None:
+    """Boxes and captions. A caption goes above its box, or just inside the box's top edge where
+    above would run into the top ``reserved_top`` pixels (the HUD) or off the frame."""
     height, width = image.shape[:2]
     unit = max(width, height) / 1000  # scale strokes and text with the frame, legible when shrunk
     thickness = max(2, round(2.5 * unit))
     for face in faces:
         x1, y1, x2, y2 = _clip_box(face.box, width, height)
         colour = colour_for(face.label)
+        # A dark outline under every stroke keeps boxes visible on light and dark scenes alike.
         if face.label in (UNCERTAIN, NO_MODEL):
             # A dashed box says "not a verdict" without relying on colour alone.
+            _dashed_rect(image, (x1, y1), (x2, y2), (20, 20, 20), thickness + 2)
             _dashed_rect(image, (x1, y1), (x2, y2), colour, thickness)
         else:
+            cv2.rectangle(image, (x1, y1), (x2, y2), (20, 20, 20), thickness + 2, cv2.LINE_AA)
             cv2.rectangle(image, (x1, y1), (x2, y2), colour, thickness, cv2.LINE_AA)
         scale = max(0.6, 0.9 * unit)  # legible on a wall tile a third of the frame's size
-        _text_box(image, face_caption(face), (x1, y1 - 2), scale, (0, 0, 0), colour, max(1, thickness - 1))
+        text_thick = max(1, thickness - 1)
+        caption = face_caption(face)
+        (_, th), base = cv2.getTextSize(caption, FONT, scale, text_thick)
+        label_h = th + 2 * max(2, int(th * 0.35)) + base // 2
+        y = y1 - 2 if y1 - 2 - label_h >= reserved_top else y1 + label_h
+        _text_box(image, caption, (x1, y), scale, (0, 0, 0), colour, text_thick)
 
 
 def draw_hud(image: Image, hud: Hud) -> None:
@@ -177,7 +195,7 @@ def annotate(
         blur_region(image, 0, 0, width, height)
     elif blur:
         blur_faces(image, faces)
-    draw_faces(image, faces)
+    draw_faces(image, faces, reserved_top=hud_height(image))
     draw_hud(image, hud)
     return encode(image, quality)
 
