@@ -41,10 +41,12 @@ from shared.schema import Face
 STAGES: tuple[str, ...] = ("decode", "detect", "crop", "classify")
 
 
-#: ``detector = "auto"`` resolves to this per device type. On CPU cv2-yunet measured faster than the
-#: PyTorch port on the same frames (docs/benchmarks.md); on a GPU torch-yunet runs batched on the device
-#: and lets the frames stay there from decode to classification.
-AUTO_DETECTOR: dict[str, str] = {"cpu": "cv2-yunet", "cuda": "torch-yunet"}
+#: ``detector = "auto"`` resolves to this per device type. On CPU torch-yunet measured faster than
+#: cv2-yunet in this pipeline on the same frames (docs/benchmarks.md: +38-45% frames/s at one thread, the
+#: CPU deployment docs/benchmarks.md recommends); on a GPU it runs batched on the device and lets the
+#: frames stay there from decode to classification. Measured, not assumed: change it here if a
+#: re-measurement on other hardware says otherwise.
+AUTO_DETECTOR: dict[str, str] = {"cpu": "torch-yunet", "cuda": "torch-yunet"}
 
 
 def default_detector(device: str | torch.device) -> str:
@@ -183,8 +185,8 @@ class Pipeline:
     """Batch compute shared by the worker and the benchmark.
 
     ``device_route``: decode and detect on the device (see the module doc); None = yes on CUDA when the
-    detector supports it. The host route is faster on CPU: cv2's decoder beats torchvision's there, and
-    cv2-yunet (the CPU default) only takes numpy frames.
+    detector supports it. The host route is the one for CPU: cv2's decoder beats torchvision's there, and
+    cv2-yunet only takes numpy frames.
     """
 
     def __init__(

@@ -10,8 +10,8 @@ from shared.settings import CommonSettings, ModelPathsMixin
 class InferenceSettings(ModelPathsMixin, CommonSettings):
     detector: str = Field(
         "auto",
-        description="Face detector backend: cv2-yunet, torch-yunet, or auto = cv2-yunet on CPU (the faster "
-        "one there, see docs/benchmarks.md) and torch-yunet on CUDA (batched on the GPU).",
+        description="Face detector backend: cv2-yunet, torch-yunet, or auto = the one measured fastest for "
+        "the device (torch-yunet on CPU and CUDA; see docs/benchmarks.md).",
     )
     detector_score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet score threshold.")
     detector_max_side: int = Field(
