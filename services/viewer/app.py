@@ -202,6 +202,13 @@ def create_app(settings: ViewerSettings) -> FastAPI:
     )
     app.state.viewer = state
     app.state.settings = settings
+
+    def stop_streams() -> None:
+        """Called by the server on SIGTERM/SIGINT: endless MJPEG responses end (within 0.5 s)
+        instead of holding graceful shutdown until its timeout."""
+        holder["stopping"] = True
+
+    app.state.stop_streams = stop_streams
     if settings.viewer_token is not None:
         app.add_middleware(TokenAuth, token=settings.viewer_token.get_secret_value())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -297,7 +304,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         M.STREAM_CLIENTS.inc()
         try:
             yield f"--{BOUNDARY}\r\n".encode()
-            while True:
+            while not holder.get("stopping"):
                 view = state.cameras.get(camera_id)
                 if view is None:
                     # Removed while we were streaming: say so once, then end the response.
@@ -568,7 +575,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         async def push() -> None:
             await ws.send_text(json.dumps(summary_json()))
             next_stats = time.monotonic() + 1.0
-            while True:
+            while not holder.get("stopping"):
                 timeout = max(0.0, next_stats - time.monotonic())
                 try:
                     message = await asyncio.wait_for(queue.get(), timeout)
