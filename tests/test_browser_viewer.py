@@ -37,6 +37,7 @@ from tests.test_viewer_support import (
     REDIS_URL,
     REPO,
     WEIGHTS_DIR,
+    CuttableProxy,
     detect_faces,
     free_port,
     photo_paths,
@@ -428,6 +429,35 @@ def test_token_required_login_form_and_401_stream(system: System, page: Any) -> 
     page.wait_for_function("document.querySelectorAll('.tile[data-status=live]').length == 2")
     assert page.request.get(f"{system.guarded}/cameras/alpha/stream.mjpg?max_frames=1").status == 200
     page.screenshot(path=str(ARTIFACTS / "wall-after-login.png"))
+
+
+def test_redis_outage_shows_reconnecting_then_recovers(system: System, page: Any) -> None:
+    proxy = CuttableProxy()  # the viewer reaches Redis through it; the rest of the system does not
+    proxy.start()
+    port = free_port()
+    try:
+        system.start("view-proxied", "view", "--port", str(port), GENDERLENS_REDIS_URL=proxy.url)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, timeout=30)
+        page.goto(base)
+        page.wait_for_function("document.querySelectorAll('.tile[data-status=live]').length == 2")
+        proxy.cut()
+        page.wait_for_function(
+            "document.querySelectorAll('.tile[data-status=reconnecting]').length == 2", timeout=10_000
+        )
+        assert "reconnecting" in page.locator("#redis-pill").inner_text()
+        page.wait_for_function(
+            "document.querySelector('.tile[data-camera=alpha] img').naturalHeight === 360", timeout=5_000
+        )  # the stream itself shows the "RECONNECTING" placeholder
+        page.screenshot(path=str(ARTIFACTS / "wall-reconnecting.png"))
+        proxy.restore()
+        page.wait_for_function(
+            "document.querySelectorAll('.tile[data-status=live]').length == 2", timeout=20_000
+        )
+        assert page.locator("#redis-pill").inner_text() == "redis ok"
+    finally:
+        proxy.cut()
+        system.stop("view-proxied")
 
 
 def test_added_camera_appears_then_shows_no_signal_when_its_source_stops(system: System, page: Any) -> None:

@@ -262,8 +262,10 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             (STATIC_DIR / "index.html").read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"}
         )
 
-    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    async def login_form(next: str = "/") -> HTMLResponse:
+    @app.get("/login", include_in_schema=False)
+    async def login_form(next: str = "/") -> Response:
+        if settings.viewer_token is None:
+            return RedirectResponse(safe_next(next), status_code=303)  # nothing to log in to
         return HTMLResponse(login_page(next_path=safe_next(next)).decode())
 
     @app.post("/login", include_in_schema=False)

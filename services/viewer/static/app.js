@@ -105,8 +105,11 @@ function applyStats(s) {
   const redis = $("redis-pill");
   redis.textContent = s.redis === "ok" ? "redis ok" : "reconnecting to redis…";
   redis.className = `pill ${s.redis === "ok" ? "pill-ok" : "pill-warn"}`;
-  $("workers-pill").textContent = `${s.workers} worker${s.workers === 1 ? "" : "s"}`;
-  $("workers-pill").className = `pill ${s.workers > 0 ? "pill-ok" : "pill-warn"}`;
+  // Without Redis the figures are the last ones known: keep them, but show they are stale.
+  const stale = s.redis !== "ok";
+  document.body.classList.toggle("stale", stale);
+  $("workers-pill").textContent = stale ? "workers ?" : `${s.workers} worker${s.workers === 1 ? "" : "s"}`;
+  $("workers-pill").className = `pill ${s.workers > 0 && !stale ? "pill-ok" : "pill-warn"}`;
   $("model-pill").textContent = s.model ? `model ${s.model.name} ${s.model.version}` : "no model";
   $("blur-pill").hidden = !s.blur;
   $("thr").textContent = `${Math.round((s.uncertain_threshold || 0) * 100)}%`;
@@ -198,6 +201,7 @@ function connect(delay = 500) {
   };
   ws.onclose = () => {
     wsAlive = false;
+    document.body.classList.add("stale");
     const pill = $("redis-pill");
     pill.textContent = "viewer unreachable, retrying…";
     pill.className = "pill pill-warn";
