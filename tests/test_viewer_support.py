@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,6 @@ def redis_or_skip() -> redis.Redis:
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at {REDIS_HOST}:{REDIS_PORT} ({exc}); the viewer tests need a real one")
     return client
-
-
-@pytest.fixture
-def rdb() -> Iterator[redis.Redis]:
-    client = redis_or_skip()
-    client.flushdb()  # database 13 only, never anything else
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def photo_paths(n: int, gender: str | None = None) -> list[Path]:
