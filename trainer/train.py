@@ -333,6 +333,7 @@ def uncertain_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float
 def run(args: argparse.Namespace) -> int:
     _setup_logging()
     started = time.time()
+    git_commit = _git_commit()  # the code this run starts with (files may change while it trains)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -691,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
         uncertain_threshold=threshold,
         metrics=metrics,
         data_fingerprint=cache.fingerprint,
-        git_commit=_git_commit(),
+        git_commit=git_commit,
         training={k: v for k, v in training_info.items() if k != "history"},
     )
     extra = {"report.json": to_json(full_report), **plots(report, history)}
