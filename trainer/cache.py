@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from shared.detectors import FaceDetector
 from shared.preprocess import PREPROCESS_VERSION, crop_faces_bgr
-from trainer.data import Catalog, load_bgr
+from trainer.data import Catalog, FaceImageDataset
 from trainer.faces import central_face
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,15 @@ def build_or_load(
     crops = np.zeros((n, 3, size, size), dtype=np.uint8)
     status = np.zeros((n,), dtype=np.int8)
     fp = hashlib.sha256()
-    for i, sample in enumerate(tqdm(catalog.samples, desc="align crops", unit="img", mininterval=2)):
+    dataset = FaceImageDataset(catalog)  # lazy reads; an unreadable file gives None, never an exception
+    for i in tqdm(range(len(dataset)), desc="align crops", unit="img", mininterval=2):
+        sample = catalog.samples[i]
         try:
             raw = sample.path.read_bytes()
         except OSError:
             raw = b""
         fp.update(hashlib.sha256(raw).digest() + sample.label.encode())
-        image = load_bgr(sample.path) if raw else None
+        image, _, _ = dataset[i]
         if image is None:
             status[i] = STATUS_UNREADABLE
             continue
