@@ -126,6 +126,15 @@ class GenderNetEnsemble(nn.Module):
             GenderNet(num_classes, width=width, dropout=dropout, flip_tta=flip_tta) for _ in range(members)
         )
 
+    @property
+    def flip_tta(self) -> bool:
+        return all(bool(m.flip_tta) for m in self.members)
+
+    @flip_tta.setter
+    def flip_tta(self, value: bool) -> None:
+        for m in self.members:
+            setattr(m, "flip_tta", value)  # noqa: B010 (members are GenderNets)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
