@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,20 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_openmp() -> None:
+    """Make idle OpenMP threads sleep instead of spin, unless the user chose otherwise.
+
+    With libgomp's default (spin at every barrier), a torch process whose cores are not all free -- a
+    worker beside Redis and capture, two workers on two cores, a trainer beside anything -- collapses:
+    measured 5 frames/s instead of 130 (docs/benchmarks.md, "The OpenMP trap"). libgomp reads this once
+    when torch loads it, so it must be set here, before any subcommand imports torch. This is a runtime
+    knob of a library, not a genderlens setting, hence the environment.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_openmp()
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list)
     args = parser.parse_args(args_list)
