@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 
 from services.inference.bench import build_clip, compare, run_naive, run_pipeline  # noqa: E402
 from services.inference.pipeline import (  # noqa: E402
-    AUTO_DETECTOR,
     FrameError,
     FrameOutput,
     Pipeline,
@@ -230,11 +229,12 @@ def test_device_route_needs_a_tensor_detector(detectors: dict[str, FaceDetector]
     assert Pipeline(detectors["torch-yunet"], "cuda").device_route  # CUDA default: device route
 
 
-def test_auto_detector_resolves_by_device() -> None:
-    assert default_detector("cpu") == AUTO_DETECTOR["cpu"]
-    assert default_detector("cuda:0") == "torch-yunet"
+def test_auto_detector_resolves_by_device_and_threads() -> None:
+    assert default_detector("cuda:0") == default_detector("cuda", threads=8) == "torch-yunet"
+    assert default_detector("cpu", threads=1) == "torch-yunet"
+    assert default_detector("cpu", threads=2) == "cv2-yunet"
     det = create("auto", DetectorConfig(weights_dir=WEIGHTS, device="cpu"))
-    assert det.name == AUTO_DETECTOR["cpu"]
+    assert det.name == "torch-yunet"  # this module runs torch on one thread
 
 
 def test_naive_loop_and_pipeline_give_identical_outputs(classifier: Classifier, jpegs: list[bytes]) -> None:

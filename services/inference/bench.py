@@ -467,6 +467,7 @@ def _worker_main(spec: WorkerSpec, stop_evt: MpEvent, ready_evt: MpEvent, out: A
     out.put(
         {
             "name": spec.name,
+            "detector": pipeline.detector.name,
             "stats": pipeline.stats.snapshot(),
             "redis_io_s": io["read"] + max(0.0, io["handle"] - io["process"]),
         }
@@ -682,6 +683,7 @@ def run_system(
     figures.update(
         {
             "workers": workers,
+            "detector": ",".join(sorted({r["detector"] for r in worker_reports})),
             "threads_per_worker": threads or "default",
             "cameras": len(cameras),
             "mode": "max rate (closed loop)" if rate_fps is None else f"{rate_fps:g} fps per camera",
@@ -868,9 +870,14 @@ def run(args: argparse.Namespace) -> int:
     if not (weights_dir / "face_detection_yunet_2023mar.onnx").is_file():
         print(f"genderlens bench: no YuNet weights in {weights_dir}: pass --weights-dir", file=sys.stderr)
         return 2
-    detector = args.detector or settings.detector
-    if detector == "auto":
-        detector = default_detector(args.device)
+    detector_setting = args.detector or settings.detector
+    # In-process modes resolve "auto" for this process's threads; each system worker resolves it for
+    # its own (as `genderlens infer` does), and reports what it chose.
+    detector = (
+        default_detector(args.device, args.threads or torch.get_num_threads())
+        if detector_setting == "auto"
+        else detector_setting
+    )
     batch_size = args.batch_size or settings.batch_size
     max_wait_ms = settings.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
     if args.threads:
@@ -892,6 +899,7 @@ def run(args: argparse.Namespace) -> int:
             "portraits_pasted": sum(clip.pasted),
             "device": args.device,
             "detector": detector,
+            "detector_setting": detector_setting,
             "batch_size": batch_size,
             "max_wait_ms": max_wait_ms,
             "threads": args.threads or torch.get_num_threads(),
@@ -958,7 +966,7 @@ def run(args: argparse.Namespace) -> int:
                     }
         if "system" in modes:
             cfg = SystemConfig(
-                models_dir, weights_dir, detector, args.device, batch_size, max_wait_ms, args.cameras
+                models_dir, weights_dir, detector_setting, args.device, batch_size, max_wait_ms, args.cameras
             )
             cores = os.cpu_count() or 1
             threads = args.threads or (0 if args.workers == 1 else max(1, cores // args.workers))

@@ -41,22 +41,32 @@ from shared.schema import Face
 STAGES: tuple[str, ...] = ("decode", "detect", "crop", "classify")
 
 
-#: ``detector = "auto"`` resolves to this per device type. On CPU torch-yunet measured faster than
-#: cv2-yunet in this pipeline on the same frames (docs/benchmarks.md: +38-45% frames/s at one thread, the
-#: CPU deployment docs/benchmarks.md recommends); on a GPU it runs batched on the device and lets the
-#: frames stay there from decode to classification. Measured, not assumed: change it here if a
-#: re-measurement on other hardware says otherwise.
-AUTO_DETECTOR: dict[str, str] = {"cpu": "torch-yunet", "cuda": "torch-yunet"}
+def default_detector(device: str | torch.device, threads: int | None = None) -> str:
+    """What ``detector = "auto"`` resolves to, from measurements on the same frames
+    (docs/benchmarks.md, runs D-F):
 
+    * GPU: torch-yunet, the batched one, which keeps the frames on the device from decode to
+      classification;
+    * CPU with one torch thread (``torch_threads=1``, one worker per core: the recommended CPU set-up):
+      torch-yunet, 93 vs 72 frames/s for the whole pipeline;
+    * CPU with more threads: cv2-yunet. The CLI makes OpenMP threads sleep at barriers
+      (OMP_WAIT_POLICY=PASSIVE, which keeps a worker from collapsing when its cores are shared), and
+      that costs torch-yunet's hundreds of small parallel regions more than OpenCV's own thread pool:
+      106 vs 77 frames/s.
 
-def default_detector(device: str | torch.device) -> str:
-    return AUTO_DETECTOR.get(torch.device(device).type, "torch-yunet")
+    ``threads``: the torch thread count to decide for; None = this process's current one (the worker
+    resolves after applying its torch_threads setting).
+    """
+    if torch.device(device).type != "cpu":
+        return "torch-yunet"
+    n = torch.get_num_threads() if threads is None else threads
+    return "torch-yunet" if n <= 1 else "cv2-yunet"
 
 
 @register("auto")
 def _auto_detector(config: DetectorConfig) -> FaceDetector:
     """The registry entry behind ``detector = "auto"`` (the setting's default): registered here, where
-    the worker's pipeline is built, because the choice is the pipeline's (it depends on the device)."""
+    the worker's pipeline is built, because the choice is the pipeline's (device and threads)."""
     return create(default_detector(config.device), config)
 
 

@@ -10,8 +10,9 @@ from shared.settings import CommonSettings, ModelPathsMixin
 class InferenceSettings(ModelPathsMixin, CommonSettings):
     detector: str = Field(
         "auto",
-        description="Face detector backend: cv2-yunet, torch-yunet, or auto = the one measured fastest for "
-        "the device (torch-yunet on CPU and CUDA; see docs/benchmarks.md).",
+        description="Face detector backend: cv2-yunet, torch-yunet, or auto = the one measured fastest: "
+        "torch-yunet on CUDA and on CPU with torch_threads=1, cv2-yunet on CPU with more threads "
+        "(docs/benchmarks.md).",
     )
     detector_score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet score threshold.")
     detector_max_side: int = Field(
