@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from shared import constants as C
 from shared.models.artifact import (
     ArtifactError,
@@ -58,10 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = ModelsCliSettings().with_overrides(models_dir=args.models_dir, redis_url=args.redis_url)
-    except ValidationError as exc:
-        raise SystemExit(f"genderlens models: invalid settings:\n{exc}") from None
+    settings = ModelsCliSettings.load("models", models_dir=args.models_dir, redis_url=args.redis_url)
     setup_logging(settings.log_level)
     models_dir = settings.models_dir
     if args.action == "list":

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr
 
 from services.capture.sources import SourceError, SourceSpec, parse_source
 from shared.redis_server import RedisServer, RedisServerError
@@ -161,17 +161,15 @@ def _check_sources(specs: list[SourceSpec]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = UpSettings().with_overrides(
-            redis_url=args.redis_url,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            models_dir=args.models_dir,
-            weights_dir=args.weights_dir,
-        )
-    except ValidationError as exc:
-        raise SystemExit(f"genderlens up: invalid settings:\n{exc}") from None
+    settings = UpSettings.load(
+        "up",
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        models_dir=args.models_dir,
+        weights_dir=args.weights_dir,
+    )
     setup_logging(settings.log_level)
     try:
         specs = [parse_source(s) for s in (args.source or ["0"])]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GENDERLENS_"
@@ -42,6 +42,20 @@ class CommonSettings(BaseSettings):
         ):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
+
+    @classmethod
+    def load(cls, command: str, **overrides: Any) -> Self:
+        """Build from the environment, apply CLI flags, validate. On any error exit with one line per
+        bad field. Only pydantic's message is shown, never the input value, which may be a secret
+        (a Redis URL with its password)."""
+        try:
+            return cls().with_overrides(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in err['loc']) or 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SystemExit(f"genderlens {command}: invalid settings: {problems}") from None
 
     def with_overrides(self, **overrides: Any) -> Self:
         """Return a validated copy with CLI flags applied (``None`` means: flag not given)."""

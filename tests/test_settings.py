@@ -38,3 +38,12 @@ def test_viewer_refuses_public_bind_without_token() -> None:
         ViewerSettings(host="0.0.0.0")
     assert ViewerSettings(host="0.0.0.0", viewer_token="s3cret").host == "0.0.0.0"
     assert ViewerSettings().host == "127.0.0.1"
+
+
+def test_load_exits_with_field_errors_and_never_echoes_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENDERLENS_REDIS_URL", "http://:topsecret@redis.example:6379/0")
+    with pytest.raises(SystemExit) as info:
+        CaptureSettings.load("capture", fps=None)
+    message = str(info.value)
+    assert message.startswith("genderlens capture: invalid settings: redis_url:")
+    assert "topsecret" not in message

@@ -6,8 +6,6 @@ import argparse
 import logging
 import threading
 
-from pydantic import ValidationError
-
 from services.capture.settings import CaptureSettings
 from services.capture.sources import SourceError, parse_source
 from shared.constants import is_valid_camera_id
@@ -29,17 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = CaptureSettings().with_overrides(
-            source=args.source,
-            camera_id=args.camera_id,
-            fps=args.fps,
-            loop=args.loop,
-            redis_url=args.redis_url,
-            metrics_port=args.metrics_port,
-        )
-    except ValidationError as exc:
-        raise SystemExit(f"genderlens capture: invalid settings:\n{exc}") from None
+    settings = CaptureSettings.load(
+        "capture",
+        source=args.source,
+        camera_id=args.camera_id,
+        fps=args.fps,
+        loop=args.loop,
+        redis_url=args.redis_url,
+        metrics_port=args.metrics_port,
+    )
     setup_logging(settings.log_level)
     try:
         spec = parse_source(settings.source)

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from services.inference.settings import InferenceSettings
 from shared.runtime import default_consumer_name, install_stop_handlers, setup_logging, start_metrics_server
 
@@ -41,19 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(args: argparse.Namespace) -> InferenceSettings:
-    try:
-        settings = InferenceSettings().with_overrides(
-            redis_url=args.redis_url,
-            models_dir=args.models_dir,
-            weights_dir=args.weights_dir,
-            detector=args.detector,
-            device=args.device,
-            batch_size=args.batch_size,
-            worker_name=args.worker_name,
-            metrics_port=args.metrics_port,
-        )
-    except ValidationError as exc:
-        raise SystemExit(f"genderlens infer: invalid settings:\n{exc}") from None
+    settings = InferenceSettings.load(
+        "infer",
+        redis_url=args.redis_url,
+        models_dir=args.models_dir,
+        weights_dir=args.weights_dir,
+        detector=args.detector,
+        device=args.device,
+        batch_size=args.batch_size,
+        worker_name=args.worker_name,
+        metrics_port=args.metrics_port,
+    )
     if settings.block_ms / 1000 >= settings.redis_timeout_s:
         raise SystemExit("genderlens infer: block_ms must be shorter than redis_timeout_s")
     return settings

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
-from pydantic import ValidationError
 
 from services.viewer.settings import ViewerSettings
 from shared.runtime import setup_logging
@@ -29,17 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(args: argparse.Namespace) -> ViewerSettings:
-    try:
-        return ViewerSettings().with_overrides(
-            host=args.host,
-            port=args.port,
-            redis_url=args.redis_url,
-            blur_faces=getattr(args, "blur_faces", None),
-        )
-    except ValidationError as exc:
-        # e.g. a non-localhost bind without a token: refuse to start, say why.
-        messages = "; ".join(str(err.get("msg", err)) for err in exc.errors())
-        raise SystemExit(f"genderlens view: invalid settings: {messages}") from None
+    # e.g. a non-localhost bind without a token: refuse to start, say why.
+    return ViewerSettings.load(
+        "view",
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis_url,
+        blur_faces=getattr(args, "blur_faces", None),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
