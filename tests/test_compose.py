@@ -786,10 +786,11 @@ def local_env(service: dict[str, Any], tmp: Path, **overrides: str) -> dict[str,
             continue
         if key == "GENDERLENS_REDIS_URL":
             value = TEST_REDIS_URL
-        for container_path, local_path in LOCAL_PATHS.items():
-            if value == container_path:
-                value = str(local_path)
-        if value.startswith("/tmp/"):
+        if value in LOCAL_PATHS:
+            value = str(LOCAL_PATHS[value])
+        elif value.startswith("/tmp/"):
+            # a container's own /tmp (e.g. the health file); never a local path mapped above, which
+            # may itself live under /tmp when the checkout does
             value = str(tmp / Path(value).name)
         env[key] = value
     env.update(overrides)
