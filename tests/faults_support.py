@@ -249,29 +249,19 @@ def log_result(name: str, **values: Any) -> None:
 # -- model artifacts ----------------------------------------------------------------------------------
 def make_artifact(models_dir: Path, version: str, created_at: str, make_current: bool = True) -> Any:
     """A small, untrained but complete ``gendernet`` (width 8) artifact, published for real."""
-    import torch
+    from shared.models.artifact import publish_untrained
 
-    from shared.models.archs import build_model
-    from shared.models.artifact import ModelMeta, publish
-    from shared.preprocess import PREPROCESS_VERSION
-
-    torch.manual_seed(sum(version.encode()))
-    meta = ModelMeta(
+    return publish_untrained(
+        models_dir,
         name="gendernet",
         version=version,
-        arch="gendernet",
-        arch_config={"width": 8},
-        classes=["female", "male"],
-        input_size=64,
-        margin=1.0,
-        mean=[0.5, 0.5, 0.5],
+        width=8,
+        seed=sum(version.encode()),
+        make_current=make_current,
         std=[0.25, 0.25, 0.25],
-        preprocess_version=PREPROCESS_VERSION,
         uncertain_threshold=0.0,
         created_at=created_at,
     )
-    publish(models_dir, build_model("gendernet", 2, width=8), meta, make_current=make_current)
-    return meta
 
 
 CORRUPTIONS = ("truncated_weights", "wrong_shapes", "bad_json", "missing_weights")

@@ -16,14 +16,11 @@ import httpx
 import numpy as np
 import pytest
 import redis
-import torch
 
 from services.inference.pipeline import decode_jpeg
 from shared import constants as C
 from shared.detectors import DetectorConfig, create
-from shared.models import build_model
-from shared.models.artifact import ModelMeta, publish
-from shared.preprocess import PREPROCESS_VERSION
+from shared.models.artifact import ModelMeta, publish_untrained
 from shared.schema import Frame, Result
 from tests.support import compose_frame, face_photos, free_port, genderlens, iou, stop, wait_until, write_clip
 
@@ -34,22 +31,9 @@ FRAMES_PER_PHOTO = 15
 
 def make_test_artifact(models_dir: Path) -> ModelMeta:
     """A small, untrained but complete artifact: enough to prove the loading side end to end."""
-    torch.manual_seed(0)
-    meta = ModelMeta(
-        name="e2etest",
-        version="1",
-        arch="gendernet",
-        arch_config={"width": 8},
-        classes=["female", "male"],
-        input_size=64,
-        margin=1.0,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        preprocess_version=PREPROCESS_VERSION,
-        uncertain_threshold=0.0,
+    return publish_untrained(
+        models_dir, name="e2etest", version="1", width=8, std=[0.25, 0.25, 0.25], uncertain_threshold=0.0
     )
-    publish(models_dir, build_model("gendernet", 2, width=8), meta)
-    return meta
 
 
 def test_capture_worker_viewer_end_to_end(

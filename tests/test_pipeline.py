@@ -28,8 +28,7 @@ from services.inference.pipeline import (  # noqa: E402
 )
 from shared.detectors import DetectorConfig, FaceDetector, create  # noqa: E402
 from shared.models.archs import build_model  # noqa: E402
-from shared.models.artifact import Classifier, ModelMeta, load_artifact, publish  # noqa: E402
-from shared.preprocess import PREPROCESS_VERSION  # noqa: E402
+from shared.models.artifact import Classifier, load_artifact, publish_untrained  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yunet"
@@ -58,19 +57,10 @@ def make_classifier(models_dir: Path) -> Classifier:
     model = build_model("gendernet", 2).eval()
     with torch.no_grad():
         model.head[-1].weight.mul_(200.0)  # type: ignore[index,union-attr]
-    meta = ModelMeta(
-        name="testnet",
-        version="v1",
-        arch="gendernet",
-        classes=["female", "male"],
-        input_size=64,
-        margin=1.0,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.5, 0.5, 0.5],
-        preprocess_version=PREPROCESS_VERSION,
-        uncertain_threshold=0.6,
+    meta = publish_untrained(
+        models_dir, name="testnet", version="v1", seed=1, model=model, uncertain_threshold=0.6
     )
-    return load_artifact(publish(models_dir, model, meta), "cpu")
+    return load_artifact(models_dir / meta.dirname, "cpu")
 
 
 @pytest.fixture(scope="module")

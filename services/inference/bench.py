@@ -750,29 +750,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_classifier(models_dir: Path | None, device: str, tmp: Path) -> tuple[Classifier, Path, str]:
     """The current model of ``models_dir``, else a throw-away untrained gendernet in ``tmp``."""
-    import torch
-
-    from shared.models.archs import build_model
-    from shared.models.artifact import ModelMeta, current_dir, load_artifact, publish
-    from shared.preprocess import PREPROCESS_VERSION
+    from shared.models.artifact import current_dir, load_artifact, publish_untrained
 
     if models_dir is not None:
         target = current_dir(models_dir)
         if target is not None:
             return load_artifact(target, device), models_dir, target.name
-    torch.manual_seed(0)
-    meta = ModelMeta(
-        name="bench",
-        version="untrained",
-        arch="gendernet",
-        classes=["female", "male"],
-        input_size=64,
-        margin=1.0,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.5, 0.5, 0.5],
-        preprocess_version=PREPROCESS_VERSION,
-    )
-    path = publish(tmp / "models", build_model("gendernet", 2).eval(), meta)
+    meta = publish_untrained(tmp / "models", name="bench", version="untrained")
+    path = tmp / "models" / meta.dirname
     return load_artifact(path, device), tmp / "models", f"{path.name} (untrained: speed only)"
 
 

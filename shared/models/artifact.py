@@ -158,6 +158,44 @@ def publish(
     return final
 
 
+def publish_untrained(
+    models_dir: Path,
+    *,
+    name: str = "untrained",
+    version: str = "0",
+    width: int = 32,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    make_current: bool = True,
+    **meta_fields: Any,
+) -> ModelMeta:
+    """Publish a complete artifact of an untrained ``gendernet`` (or of ``model``, a gendernet of that
+    ``width``): real files, real loading path, meaningless labels. For speed benchmarks and tests that
+    exercise the artifact machinery, never for serving people."""
+    torch.manual_seed(seed)
+    fields: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "arch": "gendernet",
+        "arch_config": {"width": width},
+        "classes": ["female", "male"],
+        "input_size": 64,
+        "margin": 1.0,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "preprocess_version": PREPROCESS_VERSION,
+        **meta_fields,
+    }
+    meta = ModelMeta(**fields)
+    publish(
+        models_dir,
+        model if model is not None else build_model("gendernet", 2, width=width),
+        meta,
+        make_current,
+    )
+    return meta
+
+
 def current_dir(models_dir: Path) -> Path | None:
     """The directory ``current`` points at, or None when there is no (valid) pointer."""
     pointer = models_dir / CURRENT_FILE
