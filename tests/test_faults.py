@@ -101,9 +101,16 @@ def test_1_kill_9_a_worker_mid_stream(
             GENDERLENS_MAX_WAIT_MS="50",
         )
         captures = {"capture-a": "cam-a", "capture-b": "cam-b"}
-        # Captures first: while the workers load, the capped streams overflow and evict for real.
+        # Captures first, and no worker until both capped streams have overflowed: frames are then
+        # evicted for real, whatever the speed of this machine (a quiet one loads workers in a second).
         for name, camera_id in captures.items():
             services.capture(name, photos, camera_id, fps=8)
+        wait_until(
+            lambda: all(int(client.hget(C.stats_key(c), C.STAT_EVICTED) or 0) > 0 for c in captures.values()),
+            60,
+            0.1,
+            "the capped streams to evict before any worker runs",
+        )
         services.worker("w1")
         services.worker("w2")
         try:
