@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support import TEST_REDIS_URL
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 EVAL_DIR = SHARED / "data" / "faces" / "eval"
@@ -61,7 +63,7 @@ def weights_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The session's Redis 7 (db 9 for tests that use this fixture; flushed per test)."""
-    url = os.environ.get("GENDERLENS_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    url = TEST_REDIS_URL
     try:
         redis.Redis.from_url(url, socket_timeout=2).ping()
     except redis.RedisError as exc:

@@ -20,6 +20,16 @@ import numpy.typing as npt
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
+#: The Redis 7 server the suite talks to (CI: the one on 127.0.0.1:6379). Point it elsewhere with
+#: GENDERLENS_TEST_REDIS_URL so that two suites on one machine never flush each other's databases.
+TEST_REDIS_URL = os.environ.get("GENDERLENS_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def redis_url_for_db(db: int) -> str:
+    """The test Redis server, database ``db`` (each module that owns a database keeps its number)."""
+    base = TEST_REDIS_URL.rsplit("/", 1)[0] if TEST_REDIS_URL.count("/") > 2 else TEST_REDIS_URL
+    return f"{base}/{db}"
+
 
 def free_port() -> int:
     with socket.socket() as sock:

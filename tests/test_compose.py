@@ -32,6 +32,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from tests.support import redis_url_for_db
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = "docker-compose.yml"
 GPU = "compose.gpu.yml"
@@ -728,7 +730,7 @@ def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # the containers' commands are the local mode's entry point, and they start
 
-TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+TEST_REDIS_URL = redis_url_for_db(15)
 #: The YuNet weights handed over beside the checkout (the image bakes the same files in).
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "yunet"
 #: Container paths of the compose environment -> where the same things are in this checkout.

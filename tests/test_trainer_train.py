@@ -16,6 +16,7 @@ import torch
 from services.cli import main as cli_main
 from shared.models.artifact import ModelMeta, current_dir, list_versions, load_artifact, read_meta
 from shared.preprocess import PREPROCESS_VERSION
+from tests.support import redis_url_for_db
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TRAIN = SHARED / "data" / "faces" / "train"
@@ -51,7 +52,7 @@ def test_two_epoch_run_publishes_a_loadable_artifact(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = _tiny_subset(tmp_path / "data")
-    url = "redis://127.0.0.1:6379/9"
+    url = redis_url_for_db(9)
     assert cli_main(_train_args(data, tmp_path, "--redis-url", url, "--name", "tinytest")) == 0
     out = capsys.readouterr().out
     assert "1 unreadable images skipped" in out and "no detectable face" in out

@@ -22,9 +22,12 @@ import redis
 
 from shared import constants as C
 from shared.schema import CameraInfo, Face, Frame, ModelRef, Result, Timestamps
+from tests.support import redis_url_for_db
 
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 13
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+REDIS_DB = 13
+REDIS_URL = redis_url_for_db(REDIS_DB)
+_PARTS = redis.connection.parse_url(REDIS_URL)
+REDIS_HOST, REDIS_PORT = str(_PARTS.get("host", "127.0.0.1")), int(_PARTS.get("port", 6379))
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 EVAL_DIR = SHARED / "data" / "faces" / "eval"
 WEIGHTS_DIR = SHARED / "weights" / "yunet"
@@ -33,11 +36,11 @@ TEST_MODEL = ModelRef("test", "v1")
 
 
 def redis_or_skip() -> redis.Redis:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=5)
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_HOST}:{REDIS_PORT} ({exc}); the viewer tests need a real one")
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); the viewer tests need a real one")
     return client
 
 
