@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
+
+import numpy as np
 
 from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, iou
 from shared.schema import Face, ModelRef, Result, Timestamps
@@ -129,3 +132,109 @@ def test_a_new_face_far_away_gets_a_new_track() -> None:
     out = tracker.update(result(1, [face((11, 10, 50, 50), 0.9), face((300, 300, 50, 50), 0.1)]))
     assert out[0].track_id == a
     assert out[1].track_id != a
+
+
+# -- a new face in the same place (issue #11 item 16) --------------------------------------------------
+def _signature(seed: int) -> np.ndarray:
+    """A face-like signature: a random 12x12 thumbnail, normalised as appearance.py does."""
+    vec = np.random.default_rng(seed).normal(size=144).astype(np.float32)
+    vec -= vec.mean()
+    return vec / np.linalg.norm(vec)
+
+
+def _jitter(sig: np.ndarray, seed: int, amount: float = 0.15) -> np.ndarray:
+    noisy = sig + amount * _signature(seed)
+    noisy -= noisy.mean()
+    return (noisy / np.linalg.norm(noisy)).astype(np.float32)
+
+
+def test_another_face_in_the_same_place_starts_a_new_track_at_once() -> None:
+    """One person replaced by another in the same box: before, the track (and its smoothed label)
+    carried over for about a second; the appearance signature ends it at the first frame."""
+    tracker = FaceTracker()
+    box = (200.0, 150.0, 100.0, 100.0)
+    alice, bob = _signature(1), _signature(2)
+    for seq in range(30):
+        out = tracker.update(result(seq, [face(box, 0.95)]), [_jitter(alice, seq)])
+    first = out[0].track_id
+    assert out[0].label == "female"
+    out = tracker.update(result(30, [face(box, 0.1)]), [_jitter(bob, 100)])
+    assert out[0].track_id != first
+    assert out[0].label == "male"  # the new face's own first observation, not the old average
+    assert len(tracker.tracks) == 1 and tracker.identity_changes == 1
+    for seq in range(31, 60):  # and it stays one track
+        out = tracker.update(result(seq, [face(box, 0.1)]), [_jitter(bob, seq)])
+        assert out[0].label == "male"
+    assert len({t.track_id for t in tracker.tracks}) == 1 and tracker.identity_changes == 1
+
+
+def test_same_face_with_noisy_appearance_keeps_its_track() -> None:
+    tracker = FaceTracker()
+    alice = _signature(1)
+    ids = set()
+    for seq in range(200):
+        # Jitter (similarity about 0.9) and an occasional odd frame (about 0.5: a blur, a turned
+        # head) that agrees with the label: never a new track.
+        sig = _jitter(alice, seq, 1.5 if seq % 37 == 36 else 0.35)
+        ids.add(tracker.update(result(seq, [face((200 + seq % 3, 150, 100, 100), 0.9)]), [sig])[0].track_id)
+    assert len(ids) == 1 and tracker.identity_changes == 0
+
+
+def test_without_appearance_a_sustained_switch_of_class_starts_a_new_track() -> None:
+    tracker = FaceTracker(switch_after=3)
+    box = (200.0, 150.0, 100.0, 100.0)
+    for seq in range(30):
+        first = tracker.update(result(seq, [face(box, 0.95)]))[0].track_id
+    # One or two confident contrary frames are noise: same track, label held by the smoothing.
+    for seq in (30, 31):
+        out = tracker.update(result(seq, [face(box, 0.05)]))
+        assert out[0].track_id == first and out[0].label == "female"
+    out = tracker.update(result(32, [face(box, 0.9)]))
+    assert out[0].track_id == first
+    # Three in a row: someone else. The new track starts from those three observations.
+    labels = [tracker.update(result(seq, [face(box, 0.05)]))[0] for seq in (33, 34, 35)]
+    assert [f.track_id for f in labels[:2]] == [first, first]
+    assert labels[2].track_id != first and labels[2].label == "male"
+    assert len(tracker.tracks[0].probs) == 3
+
+
+def test_a_late_result_of_the_previous_face_does_not_vote_for_the_new_one() -> None:
+    tracker = FaceTracker()
+    box = (200.0, 150.0, 100.0, 100.0)
+    alice, bob = _signature(1), _signature(2)
+    for seq in range(20):
+        tracker.update(result(seq, [face(box, 0.95)]), [_jitter(alice, seq)])
+    new = tracker.update(result(21, [face(box, 0.1)]), [_jitter(bob, 21)])[0].track_id
+    late = tracker.update(result(20, [face(box, 0.95)]), [_jitter(alice, 20)])  # out of order
+    assert late[0].label == "female"
+    out = tracker.update(result(22, [face(box, 0.1)]), [_jitter(bob, 22)])
+    assert out[0].track_id == new and out[0].probs["female"] < 0.2
+
+
+def test_crowds_are_bounded_and_matching_is_cheap() -> None:
+    rng = random.Random(3)
+    tracker = FaceTracker(max_tracks=100)
+    started = time.perf_counter()
+    for seq in range(24):
+        faces = [face((rng.uniform(0, 620), rng.uniform(0, 460), 16, 16), 0.5) for _ in range(128)]
+        tracker.update(result(seq, faces))
+    took = time.perf_counter() - started
+    assert len(tracker.tracks) <= 100 and tracker.evicted > 0
+    assert took < 5.0, f"24 results of 128 faces took {took:.1f}s"
+
+
+def test_vectorised_iou_matches_the_scalar_definition() -> None:
+    from services.viewer.tracker import iou_matrix
+
+    rng = random.Random(5)
+    boxes = [
+        (rng.uniform(0, 100), rng.uniform(0, 100), rng.uniform(0, 50), rng.uniform(0, 50)) for _ in range(40)
+    ]
+    matrix = iou_matrix(np.array(boxes[:20]), np.array(boxes[20:]))
+    for i, a in enumerate(boxes[:20]):
+        for j, b in enumerate(boxes[20:]):
+            iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+            ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+            inter = max(iw, 0) * max(ih, 0)
+            union = a[2] * a[3] + b[2] * b[3] - inter
+            assert abs(matrix[i, j] - (inter / union if union > 0 and inter > 0 else 0.0)) < 1e-9

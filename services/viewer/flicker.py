@@ -1,6 +1,7 @@
 """Measure label flicker on a real clip: raw per-frame labels vs the viewer's tracked, smoothed labels.
 
     python -m services.viewer.flicker --models-dir models --weights-dir ../shared/weights/yunet
+    python -m services.viewer.flicker --cuts     # every person replaced by the next in the same place
 
 1. A clip is made from real photos (``../shared/data/faces/eval``): each photo is filmed for a few
    seconds with a slow zoom and pan plus sensor noise and MJPG compression, so every frame differs a
@@ -10,6 +11,11 @@
    per-frame label display would do, ``smooth=True`` what the wall shows. A third replay delivers the
    results out of order, as several workers would.
 3. Flicker = changes of the shown label per track per minute of track time.
+
+With ``--cuts`` each photo is filmed in the same place as the one before (a cut in a video; a person
+leaving and another sitting down; genders alternate), and the replay also measures how long the
+previous person's label stays on the new one (``wrong_after_cut_s``), with the tracker's identity
+checks (appearance signatures of the face crops, class probabilities) on and off (``*_before``).
 
 This is a development tool (it imports torch through the inference pipeline); the viewer never
 imports it.
@@ -31,6 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from services.viewer.appearance import Signature, signatures_from_jpeg
 from services.viewer.tracker import FaceTracker
 from shared.schema import ModelRef, Result, Timestamps
 
@@ -60,8 +67,10 @@ def make_clip(
     size: tuple[int, int] = (640, 480),
     scale: float = 0.75,
     seed: int = 0,
+    same_place: bool = False,
 ) -> Path:
-    """Write an MJPG .avi that films each photo with a slow zoom/pan and noise (see module doc)."""
+    """Write an MJPG .avi that films each photo with a slow zoom/pan and noise (see module doc);
+    ``same_place``: every photo in the middle, so each person replaces the one before (cuts)."""
     rng = np.random.default_rng(seed)
     width, height = size
     writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
@@ -77,7 +86,7 @@ def make_clip(
             # face); alternate it left and right, so the next person is a new track (as someone else
             # walking in would be) rather than inheriting the previous person's track at the cut.
             base = scale * min(width / image.shape[1], height / image.shape[0])
-            centre_x = width * (0.32 if index % 2 == 0 else 0.68)
+            centre_x = width * (0.5 if same_place else 0.32 if index % 2 == 0 else 0.68)
             direction = rng.choice([-1.0, 1.0], size=2)
             for i in range(frames):
                 t = i / max(1, frames - 1)
@@ -98,8 +107,14 @@ def make_clip(
     return out
 
 
-def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fps: float) -> list[Result]:
-    """Run the workers' pipeline (YuNet + current model) on every frame of the clip."""
+Signatures = list[list[Signature | None]]
+
+
+def results_from_clip(
+    clip: Path, models_dir: Path, weights_dir: Path | None, fps: float
+) -> tuple[list[Result], Signatures]:
+    """Run the workers' pipeline (YuNet + current model) on every frame of the clip; sign every face
+    as the viewer does (from the frame as capture publishes it: a JPEG)."""
     from services.inference.pipeline import Pipeline
     from shared.detectors import DetectorConfig, create
     from shared.models.artifact import current_dir, load_artifact
@@ -112,13 +127,18 @@ def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fp
     model = ModelRef(classifier.meta.name, classifier.meta.version)
     capture = cv2.VideoCapture(str(clip))
     results: list[Result] = []
+    signatures: Signatures = []
     seq = 0
     batch: list[np.ndarray] = []
 
     def flush() -> None:
         nonlocal seq
         outputs = pipeline.run(batch, classifier, None)
-        for out in outputs:
+        for image, out in zip(batch, outputs, strict=True):
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+            signatures.append(
+                signatures_from_jpeg(jpeg.tobytes(), [f.box for f in out.faces], image.shape[1]) if ok else []
+            )
             t = seq / fps
             results.append(
                 Result(
@@ -147,7 +167,7 @@ def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fp
         flush()
     capture.release()
     log.info("%d frames, %d faces, model %s", len(results), sum(len(r.faces) for r in results), target.name)
-    return results
+    return results, signatures
 
 
 @dataclass
@@ -160,6 +180,15 @@ class Flicker:
     shown: int = 0
     labelled: int = 0
     correct: int = 0
+    #: cuts (a photo replaced by the next) and the seconds after each during which the face in view
+    #: showed a class other than its own, until it first showed its own (the model's own errors on the
+    #: new face count too) ...
+    cuts: int = 0
+    wrong_after_cut_s: float = 0.0
+    wrong_after_cut_max_s: float = 0.0
+    #: ... and the seconds it showed the previous person's label from the previous person's track
+    carried_over_s: float = 0.0
+    carried_over_max_s: float = 0.0
 
     @property
     def per_track_minute(self) -> float:
@@ -172,6 +201,12 @@ class Flicker:
             "per_track_minute": round(self.per_track_minute, 2),
             "labelled_share": round(self.labelled / self.shown, 3) if self.shown else None,
             "labelled_accuracy": round(self.correct / self.labelled, 3) if self.labelled else None,
+            "wrong_after_cut_s": round(self.wrong_after_cut_s, 3),
+            "wrong_after_cut_mean_s": round(self.wrong_after_cut_s / self.cuts, 3) if self.cuts else None,
+            "wrong_after_cut_max_s": round(self.wrong_after_cut_max_s, 3),
+            "carried_over_s": round(self.carried_over_s, 3),
+            "carried_over_mean_s": round(self.carried_over_s / self.cuts, 3) if self.cuts else None,
+            "carried_over_max_s": round(self.carried_over_max_s, 3),
         }
 
 
@@ -180,20 +215,47 @@ def replay(
     tracker: FaceTracker,
     fps: float,
     *,
+    signatures: Signatures | None = None,
     min_frames: int = 5,
     truth: list[str] | None = None,
     frames_per_photo: int = 0,
 ) -> Flicker:
-    """Feed results (in the given order) and count changes of the shown label per track.
+    """Feed results (in the given order, with their faces' signatures when given) and count changes
+    of the shown label per track.
 
     Changes are counted in seq order per track (what a viewer watching the tile sees); tracks shorter
     than ``min_frames`` (spurious detections) are left out. With ``truth`` (the label of each photo
-    of the clip, ``frames_per_photo`` frames each) the shown labels are also scored."""
+    of the clip, ``frames_per_photo`` frames each) the shown labels are also scored, and the label of
+    the largest face after each cut is followed until it first shows the new photo's own label."""
     shown: dict[int, dict[int, str]] = {}
-    for result in results:
-        for face in tracker.update(result):
+    main: dict[int, tuple[float, str, int]] = {}  # seq -> (area, label, track) of the largest face
+    for index, result in enumerate(results):
+        sigs = signatures[index] if signatures is not None else None
+        for face in tracker.update(result, sigs):
             shown.setdefault(face.track_id, {})[result.seq] = face.label
+            area = face.box[2] * face.box[3]
+            if area > main.get(result.seq, (-1.0, "", 0))[0]:
+                main[result.seq] = (area, face.label, face.track_id)
     out = Flicker()
+    if truth and frames_per_photo:
+        for photo in range(1, len(truth)):
+            out.cuts += 1
+            before = main.get(photo * frames_per_photo - 1)
+            wrong = carried = 0
+            settled = False
+            for seq in range(photo * frames_per_photo, (photo + 1) * frames_per_photo):
+                _, label, track_id = main.get(seq, (0.0, "", 0))
+                is_class = label not in ("", "uncertain", "no model")
+                # The previous person's label on the new face, from the previous person's track.
+                carried += bool(
+                    before and track_id == before[2] and label == truth[photo - 1] != truth[photo]
+                )
+                settled = settled or label == truth[photo]
+                wrong += is_class and label != truth[photo] and not settled
+            out.wrong_after_cut_s += wrong / fps
+            out.wrong_after_cut_max_s = max(out.wrong_after_cut_max_s, wrong / fps)
+            out.carried_over_s += carried / fps
+            out.carried_over_max_s = max(out.carried_over_max_s, carried / fps)
     for by_seq in shown.values():
         if len(by_seq) < min_frames:
             continue
@@ -210,12 +272,16 @@ def replay(
     return out
 
 
-def out_of_order(results: list[Result], workers: int = 3, seed: int = 0) -> list[Result]:
+def out_of_order(
+    results: list[Result], signatures: Signatures, workers: int = 3, seed: int = 0
+) -> tuple[list[Result], Signatures]:
     """Arrival order of results from several workers: each frame's result is late by up to
     ``workers - 1`` frames."""
     rng = random.Random(seed)
-    keyed = [(r.seq + rng.uniform(0, workers - 1), r) for r in results]
-    return [r for _, r in sorted(keyed, key=lambda kv: kv[0])]
+    keyed = sorted(
+        ((r.seq + rng.uniform(0, workers - 1), i) for i, r in enumerate(results)), key=lambda kv: kv[0]
+    )
+    return [results[i] for _, i in keyed], [signatures[i] for _, i in keyed]
 
 
 def measure(
@@ -225,14 +291,27 @@ def measure(
     window: int,
     truth: list[str] | None = None,
     frames_per_photo: int = 0,
+    signatures: Signatures | None = None,
 ) -> dict[str, Any]:
-    kw: dict[str, Any] = {"truth": truth, "frames_per_photo": frames_per_photo}
+    sigs: Signatures = signatures if signatures is not None else [[] for _ in results]
+    kw: dict[str, Any] = {"truth": truth, "frames_per_photo": frames_per_photo, "signatures": sigs}
     # Before smoothing, two baselines: the worker's own per-frame label (its model's threshold), and
     # the viewer's rule applied to each frame alone (same threshold, window of 1, no hysteresis).
     worker = replay(results, FaceTracker(threshold, smooth=False), fps, **kw)
     raw = replay(results, FaceTracker(threshold, window=1, hysteresis=0.0), fps, **kw)
     smooth = replay(results, FaceTracker(threshold, window=window), fps, **kw)
-    shuffled = replay(out_of_order(results), FaceTracker(threshold, window=window), fps, **kw)
+    late, late_sigs = out_of_order(results, sigs)
+    shuffled = replay(late, FaceTracker(threshold, window=window), fps, **{**kw, "signatures": late_sigs})
+    # The same without the identity checks (a track keeps whatever face takes its place), as before.
+    before = replay(results, FaceTracker(threshold, window=window, new_identity=False), fps, **kw)
+    shuffled_before = replay(
+        late,
+        FaceTracker(threshold, window=window, new_identity=False),
+        fps,
+        **{**kw, "signatures": late_sigs},
+    )
+    # Identity checks from the class probabilities alone (no frame at hand for the signatures).
+    probs_only = replay(results, FaceTracker(threshold, window=window), fps, **{**kw, "signatures": None})
     return {
         "frames": len(results),
         "faces": sum(len(r.faces) for r in results),
@@ -243,6 +322,9 @@ def measure(
         "raw": raw.to_dict(),
         "smoothed": smooth.to_dict(),
         "smoothed_out_of_order": shuffled.to_dict(),
+        "smoothed_before": before.to_dict(),
+        "smoothed_out_of_order_before": shuffled_before.to_dict(),
+        "smoothed_probabilities_only": probs_only.to_dict(),
     }
 
 
@@ -259,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale", type=float, default=0.75, help="photo size in the frame (smaller = farther)"
     )
+    parser.add_argument(
+        "--cuts",
+        action="store_true",
+        help="film every photo in the same place (each person replaces the last)",
+    )
     parser.add_argument("--threshold", type=float, default=0.6, help="viewer uncertain_threshold")
     parser.add_argument("--window", type=int, default=15, help="smoothing window (frames)")
     parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
@@ -268,22 +355,40 @@ def main(argv: list[str] | None = None) -> int:
     args.clip.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     photos = pick_photos(args.eval_dir, args.photos)
-    make_clip(photos, args.clip, fps=args.fps, seconds_per_photo=args.seconds_per_photo, scale=args.scale)
-    results = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
+    make_clip(
+        photos,
+        args.clip,
+        fps=args.fps,
+        seconds_per_photo=args.seconds_per_photo,
+        scale=args.scale,
+        same_place=args.cuts,
+    )
+    results, signatures = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
     truth = [p.relative_to(args.eval_dir).parts[0] for p in photos]  # eval/<gender>/...
     per_photo = round(args.fps * args.seconds_per_photo)
-    report = measure(results, args.fps, args.threshold, args.window, truth, per_photo)
+    report = measure(results, args.fps, args.threshold, args.window, truth, per_photo, signatures)
     report["scale"] = args.scale
+    report["cuts_in_place"] = args.cuts
     report["photos"] = [str(p.relative_to(args.eval_dir)) for p in photos]
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(report, indent=2))
-    for name in ("worker_labels", "raw", "smoothed", "smoothed_out_of_order"):
+    for name in (
+        "worker_labels",
+        "raw",
+        "smoothed",
+        "smoothed_out_of_order",
+        "smoothed_before",
+        "smoothed_out_of_order_before",
+        "smoothed_probabilities_only",
+    ):
         row = report[name]
         sys.stdout.write(
-            f"{name:22s} tracks {row['tracks']:3d}  track-min {row['track_minutes']:.2f}  "
+            f"{name:29s} tracks {row['tracks']:3d}  track-min {row['track_minutes']:.2f}  "
             f"changes {row['changes']:4d}  per track-min {row['per_track_minute']:6.2f}  "
-            f"labelled {row['labelled_share']}  accuracy {row['labelled_accuracy']}\n"
+            f"labelled {row['labelled_share']}  accuracy {row['labelled_accuracy']}  "
+            f"wrong after cut {row['wrong_after_cut_mean_s']} s (max {row['wrong_after_cut_max_s']})  "
+            f"carried over {row['carried_over_mean_s']} s (max {row['carried_over_max_s']})\n"
         )
     return 0
 

@@ -25,3 +25,20 @@ WORKERS = Gauge("genderlens_viewer_live_workers", "Inference workers with a live
 REDIS_UP = Gauge("genderlens_viewer_redis_up", "1 while the viewer's reader reaches Redis")
 CAMERA_FPS = Gauge("genderlens_viewer_camera_fps", "Frames per second received", ["camera"])
 PENDING = Gauge("genderlens_viewer_pending_frames", "Frames pending in the inference group", ["camera"])
+FACES_DROPPED = Counter(
+    "genderlens_viewer_faces_dropped_total",
+    "Faces left out of tracking and drawing by the per-result cap (max_faces)",
+    ["camera"],
+)
+IDENTITY_CHANGES = Counter(
+    "genderlens_viewer_identity_changes_total",
+    "Tracks ended because another face took their place (new track started)",
+    ["camera"],
+)
+AUTH_THROTTLED = Counter(
+    "genderlens_viewer_auth_throttled_total", "Requests refused (429) after too many failed logins"
+)
+AUTH_FAILURES = Counter("genderlens_viewer_auth_failures_total", "Failed authentication attempts")
+REFUSED = Counter(
+    "genderlens_viewer_refused_requests_total", "Requests refused for their Host or Origin", ["reason"]
+)

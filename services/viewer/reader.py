@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.viewer import metrics as M
+from services.viewer.appearance import signatures_from_jpeg
 from services.viewer.state import ViewerState
 from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
@@ -31,6 +32,9 @@ BLOCK_MS = 500
 REFRESH_S = 1.0
 #: Most entries per stream per XREAD (a burst after a stall is bounded, the ring buffer keeps the newest).
 READ_COUNT = 64
+#: The reader hands the event loop back at least this often while it works through a reply, so
+#: requests (/healthz, streams, the WebSocket) and signals are served during a burst.
+YIELD_EVERY_S = 0.02
 
 DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, OSError)
 
@@ -112,21 +116,27 @@ class Reader:
         batches = sorted(
             reply or [], key=lambda item: 0 if _s(item[0]).startswith(C.frames_stream("")) else 1
         )
+        tick = time.perf_counter()
         for stream_raw, entries in batches:
             stream = _s(stream_raw)
             if not entries:
                 continue
             self._positions[stream] = _s(entries[-1][0])
             for entry_id, fields in entries:
-                self.handle(stream, _s(entry_id), fields or {}, received_at)
+                await self.handle(stream, _s(entry_id), fields or {}, received_at)
+                if time.perf_counter() - tick > YIELD_EVERY_S:
+                    await asyncio.sleep(0)
+                    tick = time.perf_counter()
 
     # -- one entry ---------------------------------------------------------------------------------
-    def handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float) -> None:
+    async def handle(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float
+    ) -> None:
         try:
             if stream.startswith(C.frames_stream("")):
                 self._frame(stream, entry_id, fields, received_at)
             elif stream.startswith(C.results_stream("")):
-                self._result(stream, entry_id, fields, received_at)
+                await self._result(stream, entry_id, fields, received_at)
             elif stream == C.EVENTS_STREAM:
                 self.state.events.append((entry_id, Event.from_fields(fields)))
                 self.state.subscribers.publish({"type": "events", "events": self.state.refused_events()})
@@ -156,7 +166,9 @@ class Reader:
         self.state.cameras[camera_id].add_frame(entry_id, frame, received_at)
         M.FRAMES.labels(camera_id).inc()
 
-    def _result(self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float) -> None:
+    async def _result(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float
+    ) -> None:
         camera_id = self._camera_of(stream, C.results_stream(""))
         if camera_id is None:
             return
@@ -164,7 +176,18 @@ class Reader:
         if result.camera_id != camera_id:
             raise SchemaError(f"result of {result.camera_id!r} on {camera_id}'s stream")
         view = self.state.cameras[camera_id]
-        faces = view.add_result(result, received_at)
+        result = view.trim(result)
+        # The faces' appearance, so the tracker notices one face replacing another in the same place;
+        # decoded in a worker thread (the event loop stays free). No frame at hand: probabilities only.
+        frame = view.find_frame(result.frame_id, result.seq) if result.faces else None
+        signatures = None
+        if frame is not None:
+            signatures = await asyncio.to_thread(
+                signatures_from_jpeg, frame.frame.jpeg, [f.box for f in result.faces], frame.frame.width
+            )
+            if camera_id not in self.state.cameras:
+                return  # removed while we were away
+        faces = view.add_result(result, received_at, signatures)
         latency_s = received_at - result.timestamps.captured
         M.RESULTS.labels(camera_id).inc()
         M.LATENCY.observe(max(0.0, latency_s))
@@ -255,7 +278,7 @@ class Reader:
             # Seeded frames count by their capture time: an old frame must not look live.
             view.add_frame(_s(entry_id), frame, min(time.time(), frame.captured_at), live=False)
         for entry_id, fields in reversed(results or []):
-            self.handle(results_key, _s(entry_id), fields, time.time())
+            await self.handle(results_key, _s(entry_id), fields, time.time())
         self._positions[frames_key] = _s(frames[0][0]) if frames else "0-0"
         self._positions[results_key] = _s(results[0][0]) if results else "0-0"
 
@@ -269,7 +292,7 @@ class Reader:
             if stream == C.EVENTS_STREAM:
                 self.state.events.clear()
             for entry_id, fields in reversed(entries or []):
-                self.handle(stream, _s(entry_id), fields, time.time())
+                await self.handle(stream, _s(entry_id), fields, time.time())
             self._positions[stream] = _s(entries[0][0]) if entries else "0-0"
 
     async def read_workers(self) -> list[dict[str, Any]]:

@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services.viewer import metrics as M
+from services.viewer.appearance import Signature
 from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFace
 from shared.schema import CameraInfo, Event, Frame, Result
 
@@ -84,6 +87,10 @@ class CameraView:
     frames_seen: int = 0
     results_seen: int = 0
     unpaired_results: int = 0
+    #: most faces of one result that are tracked and drawn (the highest detector scores are kept)
+    max_faces: int = 128
+    #: faces left out by that cap, since the viewer started
+    faces_dropped: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -110,8 +117,28 @@ class CameraView:
         self.frames_seen += 1
         self.notify()
 
-    def add_result(self, result: Result, received_at: float) -> tuple[TrackedFace, ...]:
-        faces = tuple(self.tracker.update(result))
+    def trim(self, result: Result) -> Result:
+        """The result with at most ``max_faces`` faces (the best detector scores, in their original
+        order): a crowd, or a worker gone wrong, must not make tracking and drawing unbounded."""
+        extra = len(result.faces) - self.max_faces
+        if extra <= 0:
+            return result
+        keep = sorted(range(len(result.faces)), key=lambda i: -result.faces[i].score)[: self.max_faces]
+        self.faces_dropped += extra
+        M.FACES_DROPPED.labels(self.camera_id).inc(extra)
+        return replace(result, faces=tuple(result.faces[i] for i in sorted(keep)))
+
+    def add_result(
+        self,
+        result: Result,
+        received_at: float,
+        signatures: Sequence[Signature | None] | None = None,
+    ) -> tuple[TrackedFace, ...]:
+        result = self.trim(result)
+        changes = self.tracker.identity_changes
+        faces = tuple(self.tracker.update(result, signatures))
+        if self.tracker.identity_changes > changes:
+            M.IDENTITY_CHANGES.labels(self.camera_id).inc(self.tracker.identity_changes - changes)
         self.results_seen += 1
         self.result_rate.tick()
         if self.latest_result is None or result.seq >= self.latest_result.seq:
@@ -162,10 +189,20 @@ class CameraView:
             return NO_SIGNAL
         return LIVE
 
-    def counts(self) -> dict[str, int]:
-        """Faces in view by shown label (from the newest result)."""
-        counts: dict[str, int] = {"faces": len(self.latest_faces), "female": 0, "male": 0, UNCERTAIN: 0}
-        for face in self.latest_faces:
+    def inference_live(self, max_age_s: float, now: float | None = None) -> bool:
+        """Results are coming: the newest arrived less than ``max_age_s`` ago."""
+        now = time.time() if now is None else now
+        return self.latest_result_at > 0 and now - self.latest_result_at < max_age_s
+
+    def counts(self, max_age_s: float | None = None, now: float | None = None) -> dict[str, int]:
+        """Faces in view by shown label (from the newest result). With ``max_age_s``: all zero once
+        that result is older (no worker left, or workers far behind), instead of the last counts
+        standing as if they were current."""
+        faces = self.latest_faces
+        if max_age_s is not None and not self.inference_live(max_age_s, now):
+            faces = ()
+        counts: dict[str, int] = {"faces": len(faces), "female": 0, "male": 0, UNCERTAIN: 0}
+        for face in faces:
             key = face.label if face.label != NO_MODEL else "no_model"
             counts[key] = counts.get(key, 0) + 1
         return counts
@@ -202,6 +239,8 @@ class Subscribers:
 class ViewerState:
     frame_buffer: int
     uncertain_threshold: float
+    max_faces: int = 128
+    max_tracks: int = 256
     cameras: dict[str, CameraView] = field(default_factory=dict)
     redis_ok: bool = False
     redis_error: str | None = None
@@ -218,7 +257,8 @@ class ViewerState:
     def camera(self, camera_id: str) -> CameraView:
         view = self.cameras.get(camera_id)
         if view is None:
-            view = CameraView(camera_id, self.frame_buffer, FaceTracker(self.uncertain_threshold))
+            tracker = FaceTracker(self.uncertain_threshold, max_tracks=self.max_tracks)
+            view = CameraView(camera_id, self.frame_buffer, tracker, max_faces=self.max_faces)
             self.cameras[camera_id] = view
         return view
 

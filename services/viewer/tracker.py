@@ -11,14 +11,33 @@ shown is the arg-max of their mean (a soft vote, insensitive to the order they a
 ``uncertain`` when that mean is below ``uncertain_threshold``. A small hysteresis (``hysteresis``) is
 needed to *leave* ``uncertain`` or switch class, so a confidence hovering on the threshold does not
 make the label blink.
+
+A new face in the same place (a cut; one person leaves and another sits down) must not inherit the
+previous person's smoothed label, so a matched face starts a new track when its identity changed:
+
+- *appearance* (when the frame is at hand): the face's signature (``appearance.py``, a normalised grey
+  thumbnail) correlates below ``appearance_threshold`` with the track's last one. Consecutive frames of
+  one face score above 0.8 on our clips, another person in the same box below 0.45.
+- *class probabilities* (when no signature can be compared): ``switch_after`` observations in a row
+  each give the other class at least ``switch_confidence`` while the track shows a class; the new
+  track starts with those observations, so it shows the new label at once.
+
+Bounded work per result, so a crowd never stalls the viewer: matching is one vectorised IoU matrix
+(faces x tracks) and a greedy pass over the pairs above the IoU threshold only, and a camera keeps at
+most ``max_tracks`` tracks (the least recently seen go first). The caller caps faces per result.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
+from services.viewer.appearance import Signature, similarity
 from shared.schema import Face, Result
 
 #: Labels the workers use (kept here so the viewer never imports torch through shared.models).
@@ -32,15 +51,20 @@ Box = tuple[float, float, float, float]
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two (x, y, w, h) boxes."""
-    ax2, ay2 = a[0] + a[2], a[1] + a[3]
-    bx2, by2 = b[0] + b[2], b[1] + b[3]
-    iw = min(ax2, bx2) - max(a[0], b[0])
-    ih = min(ay2, by2) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+    return float(iou_matrix(np.array([a], np.float64), np.array([b], np.float64))[0, 0])
+
+
+def iou_matrix(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4], (x, y, w, h) -> [N, M]."""
+    ax1, ay1, aw, ah = (a[:, i : i + 1] for i in range(4))
+    bx1, by1, bw, bh = (b[:, i] for i in range(4))
+    iw = np.minimum(ax1 + aw, bx1 + bw) - np.maximum(ax1, bx1)
+    ih = np.minimum(ay1 + ah, by1 + bh) - np.maximum(ay1, by1)
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    union = aw * ah + bw * bh - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +101,10 @@ class Track:
     probs: deque[dict[str, float]]
     label: str = UNCERTAIN
     hits: int = 0
+    #: appearance of the face in the newest frame matched (None: not known)
+    signature: Signature | None = None
+    #: the newest observations suggesting that another face took this place (see ``switch_after``)
+    suspects: list[dict[str, float]] = field(default_factory=list)
 
 
 def _top(probs: dict[str, float]) -> tuple[str, float]:
@@ -98,6 +126,12 @@ class FaceTracker:
         max_gap: int = 30,
         hysteresis: float = 0.05,
         smooth: bool = True,
+        max_tracks: int = 256,
+        appearance_threshold: float = 0.6,
+        appearance_change: float = 0.35,
+        switch_after: int = 3,
+        switch_confidence: float = 0.8,
+        new_identity: bool = True,
     ) -> None:
         self.uncertain_threshold = uncertain_threshold
         self.window = window
@@ -107,54 +141,147 @@ class FaceTracker:
         self.hysteresis = hysteresis
         #: False = show the worker's per-frame label (used to measure flicker without smoothing)
         self.smooth = smooth
+        #: most tracks kept per camera; the least recently matched go first
+        self.max_tracks = max_tracks
+        #: signatures at least this alike are the same face
+        self.appearance_threshold = appearance_threshold
+        #: below this they are plainly different faces; in between it takes a contradicting label,
+        #: or ``switch_after`` such observations in a row
+        self.appearance_change = appearance_change
+        self.switch_after = switch_after
+        self.switch_confidence = switch_confidence
+        #: False = keep a track whatever face it matches (today's behaviour before identity checks;
+        #: used to measure what the checks change)
+        self.new_identity = new_identity
         self.tracks: list[Track] = []
         self._next_id = 1
         self._newest_seq = -1
+        #: tracks ended because another face took their place (appearance or probabilities)
+        self.identity_changes = 0
+        #: tracks dropped by the ``max_tracks`` cap
+        self.evicted = 0
 
     def reset(self) -> None:
         self.tracks.clear()
         self._newest_seq = -1
 
-    def update(self, result: Result) -> list[TrackedFace]:
+    def update(
+        self, result: Result, signatures: Sequence[Signature | None] | None = None
+    ) -> list[TrackedFace]:
+        """Track the faces of one result. ``signatures`` (one per face, from ``appearance.py``) let
+        the tracker tell a new face in an old place; without them it goes by the class probabilities."""
         seq = result.seq
         if self._newest_seq >= 0 and seq < self._newest_seq - 10 * self.max_gap:
             # seq went far backwards: the capture process restarted and counts from 0 again.
             self.reset()
         self._newest_seq = max(self._newest_seq, seq)
         self.tracks = [t for t in self.tracks if self._newest_seq - t.last_seq <= self.max_gap]
-
-        # Greedy matching by IoU, best pairs first (enough for the few faces of one frame).
-        pairs = sorted(
-            (
-                (iou(face.box, track.box), fi, ti)
-                for fi, face in enumerate(result.faces)
-                for ti, track in enumerate(self.tracks)
-                if abs(seq - track.last_seq) <= self.max_gap
-            ),
-            reverse=True,
+        sigs: Sequence[Signature | None] = (
+            signatures if signatures is not None else [None] * len(result.faces)
         )
-        matched: dict[int, Track] = {}
-        used: set[int] = set()
-        for overlap, fi, ti in pairs:
-            if overlap < self.iou_threshold:
-                break
-            if fi in matched or ti in used:
-                continue
-            matched[fi] = self.tracks[ti]
-            used.add(ti)
 
+        matched = self._match(result.faces, seq)
         out: list[TrackedFace] = []
         for fi, face in enumerate(result.faces):
             track = matched.get(fi)
+            sig = sigs[fi] if fi < len(sigs) else None
             if track is None:
-                track = Track(self._next_id, face.box, seq, deque(maxlen=self.window))
-                self._next_id += 1
-                self.tracks.append(track)
+                track = self._new_track(face.box, seq, sig)
             elif seq >= track.last_seq:
-                # An older result (out of order) adds its vote but must not move the box back in time.
-                track.box, track.last_seq = face.box, seq
+                if self.new_identity and self._identity_changed(track, face, sig):
+                    # The new face's track starts with the observations that showed the change.
+                    seed = [p for p in track.suspects if p is not face.probs]
+                    self._retire(track)
+                    track = self._new_track(face.box, seq, sig)
+                    track.probs.extend(seed)
+                else:
+                    track.box, track.last_seq = face.box, seq
+                    if track.signature is None:
+                        track.signature = sig
+            elif (
+                self.new_identity
+                and sig is not None
+                and track.signature is not None
+                and similarity(sig, track.signature) < self.appearance_threshold
+            ):
+                # An older result (out of order) of another face, most likely the one that was here
+                # before: it must not vote for this one. (A late result of the same face votes, but
+                # does not move the box back in time.)
+                out.append(self._alone(track.track_id, face))
+                continue
             out.append(self._observe(track, face))
+        if len(self.tracks) > self.max_tracks:
+            self.tracks.sort(key=lambda t: t.last_seq)
+            self.evicted += len(self.tracks) - self.max_tracks
+            del self.tracks[: len(self.tracks) - self.max_tracks]
         return out
+
+    def _match(self, faces: Sequence[Face], seq: int) -> dict[int, Track]:
+        """Greedy matching by IoU, best pairs first, over the pairs above the threshold only."""
+        candidates = [t for t in self.tracks if abs(seq - t.last_seq) <= self.max_gap]
+        if not faces or not candidates:
+            return {}
+        overlaps = iou_matrix(
+            np.array([f.box for f in faces], np.float64), np.array([t.box for t in candidates], np.float64)
+        )
+        fis, tis = np.nonzero(overlaps >= self.iou_threshold)
+        order = np.argsort(-overlaps[fis, tis], kind="stable")
+        matched: dict[int, Track] = {}
+        used: set[int] = set()
+        for k in order:
+            fi, ti = int(fis[k]), int(tis[k])
+            if fi in matched or ti in used:
+                continue
+            matched[fi] = candidates[ti]
+            used.add(ti)
+        return matched
+
+    def _new_track(self, box: Box, seq: int, sig: Signature | None) -> Track:
+        track = Track(self._next_id, box, seq, deque(maxlen=self.window), signature=sig)
+        self._next_id += 1
+        self.tracks.append(track)
+        return track
+
+    def _retire(self, track: Track) -> None:
+        self.identity_changes += 1
+        self.tracks = [t for t in self.tracks if t is not track]
+
+    def _identity_changed(self, track: Track, face: Face, sig: Signature | None) -> bool:
+        """Whether ``face`` (in order, matched to ``track`` by position) is someone else. Observations
+        that raise the suspicion are kept in ``track.suspects``: they seed the new track."""
+        best, conf = _top(face.probs)
+        contradicts = (
+            track.label not in (UNCERTAIN, NO_MODEL)
+            and bool(face.probs)
+            and best != track.label
+            and conf >= self.switch_confidence
+        )
+        if sig is not None and track.signature is not None:
+            alike = similarity(sig, track.signature)
+            if alike >= self.appearance_threshold:
+                track.suspects.clear()
+                track.signature = sig
+                return False
+            if alike < self.appearance_change or contradicts:
+                return True  # plainly someone else, or looks different *and* gets the other label
+            # Looks different, same verdict: a blurred frame, a turned head... or a look-alike. Keep
+            # the signature of the face we know until the change has lasted.
+            track.suspects.append(face.probs)
+            return len(track.suspects) >= self.switch_after
+        # No appearance to compare: a sudden, sustained change of the class probabilities.
+        if not contradicts:
+            track.suspects.clear()
+            return False
+        track.suspects.append(face.probs)
+        return len(track.suspects) >= self.switch_after
+
+    @staticmethod
+    def _alone(track_id: int, face: Face) -> TrackedFace:
+        raw_label = face.label
+        raw_conf = face.probs.get(raw_label, _top(face.probs)[1]) if face.probs else 0.0
+        return TrackedFace(
+            track_id, face.box, face.score, raw_label, raw_conf, raw_label, raw_conf, face.probs
+        )
 
     def _observe(self, track: Track, face: Face) -> TrackedFace:
         track.hits += 1
