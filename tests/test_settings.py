@@ -36,7 +36,7 @@ def test_invalid_values_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_viewer_refuses_public_bind_without_token() -> None:
     with pytest.raises(ValidationError, match="without GENDERLENS_VIEWER_TOKEN"):
         ViewerSettings(host="0.0.0.0")
-    assert ViewerSettings(host="0.0.0.0", viewer_token="s3cret").host == "0.0.0.0"
+    assert ViewerSettings(host="0.0.0.0", viewer_token="s3cret-viewer-token").host == "0.0.0.0"
     assert ViewerSettings().host == "127.0.0.1"
 
 

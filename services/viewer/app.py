@@ -20,18 +20,39 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import fastapi_offline
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import ResponseError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.websockets import WebSocketDisconnect
 
 from services.viewer import metrics as M
-from services.viewer.auth import COOKIE_NAME, TokenAuth, login_page, safe_next, session_value, token_ok
+from services.viewer.auth import (
+    COOKIE_NAME,
+    FailureLimiter,
+    OriginGuard,
+    TokenAuth,
+    client_key,
+    login_page,
+    safe_next,
+    session_value,
+    token_ok,
+    too_many,
+)
 from services.viewer.reader import DOWN_ERRORS, Reader
 from services.viewer.render import Hud, annotate, placeholder
 from services.viewer.settings import ViewerSettings
@@ -43,6 +64,9 @@ from shared.streams import redact_url
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
+#: Swagger UI and ReDoc files, served by the viewer itself so /docs works offline (no CDN). They come
+#: from the fastapi-offline package (MIT; Swagger UI Apache-2.0, ReDoc MIT).
+DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
 BOUNDARY = "genderlensframe"
 #: Show raw frames with a "no inference" note when the newest annotated frame lags the newest frame
 #: by more than this: results are not coming (no worker, or workers far behind).
@@ -50,6 +74,9 @@ NO_INFERENCE_AFTER_S = 1.5
 #: An unchanged picture is re-sent this often, so players keep the stream alive and a gone client is
 #: noticed by the failed write.
 KEEPALIVE_S = 2.0
+#: Counts of faces in view are those of the newest result while results keep coming (no older than
+#: this); after that the page shows none, not the last ones as if they were current.
+COUNTS_MAX_AGE_S = NO_INFERENCE_AFTER_S * 2
 CAMERA_REQUESTS_MAXLEN = 1000
 
 
@@ -166,7 +193,13 @@ def _part(jpeg: bytes) -> bytes:
 
 
 def create_app(settings: ViewerSettings) -> FastAPI:
-    state = ViewerState(frame_buffer=settings.frame_buffer, uncertain_threshold=settings.uncertain_threshold)
+    state = ViewerState(
+        frame_buffer=settings.frame_buffer,
+        uncertain_threshold=settings.uncertain_threshold,
+        max_faces=settings.max_faces,
+        max_tracks=settings.max_tracks,
+    )
+    limiter = FailureLimiter(settings.auth_fail_burst, settings.auth_fail_refill_s)
     renderer = Renderer(settings, state)
     holder: dict[str, Any] = {}
 
@@ -199,6 +232,10 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         "Labels are *perceived* gender from a face classifier, with a confidence; "
         "`uncertain` below the configured threshold.",
         lifespan=lifespan,
+        # Served below from local files: the defaults load Swagger UI and ReDoc from a CDN, which an
+        # offline viewer (the usual case for a camera network) cannot reach, leaving /docs blank.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.viewer = state
     app.state.settings = settings
@@ -209,8 +246,12 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         holder["stopping"] = True
 
     app.state.stop_streams = stop_streams
+    # Innermost first: the token is checked only for requests from an allowed origin to a known host.
     if settings.viewer_token is not None:
-        app.add_middleware(TokenAuth, token=settings.viewer_token.get_secret_value())
+        app.add_middleware(TokenAuth, token=settings.viewer_token.get_secret_value(), limiter=limiter)
+    app.add_middleware(OriginGuard, allowed_origins=settings.extra_origins())
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts(), www_redirect=False)
+    app.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def client() -> Any:
@@ -230,7 +271,8 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         info = view.info
         age = view.last_frame_age_s(now)
         shown = view.shown
-        inference = view.latest_result_at > 0 and now - view.latest_result_at < NO_INFERENCE_AFTER_S * 2
+        inference = view.inference_live(COUNTS_MAX_AGE_S, now)
+        counts = view.counts(COUNTS_MAX_AGE_S, now)
         fps = view.frame_rate.rate()
         M.CAMERA_FPS.labels(view.camera_id).set(fps)
         return {
@@ -243,8 +285,8 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             "target_fps": info.fps if info else None,
             "results_fps": round(view.result_rate.rate(), 2),
             "last_frame_age_ms": round(age * 1000, 1) if age is not None else None,
-            "faces": len(view.latest_faces),
-            "counts": view.counts(),
+            "faces": counts["faces"],
+            "counts": counts,
             "latency_ms": round(shown.latency_ms, 1) if shown else None,
             "inference": inference,
             "latest_seq": view.latest_result.seq if view.latest_result else None,
@@ -262,6 +304,32 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             (STATIC_DIR / "index.html").read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"}
         )
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "favicon.ico", media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"}
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url="/static/docs/swagger-ui-bundle.js",
+            swagger_css_url="/static/docs/swagger-ui.css",
+            swagger_favicon_url="/favicon.ico",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            redoc_js_url="/static/docs/redoc.standalone.js",
+            redoc_favicon_url="/favicon.ico",
+            with_google_fonts=False,
+        )
+
     @app.get("/login", include_in_schema=False)
     async def login_form(next: str = "/") -> Response:
         if settings.viewer_token is None:
@@ -277,8 +345,17 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         token = settings.viewer_token.get_secret_value() if settings.viewer_token else None
         if token is None:
             return RedirectResponse(next_path, status_code=303)
+        who = client_key(request.scope)
+        wait = limiter.retry_after(who)
+        if wait > 0:  # throttled: not even a right token is looked at (see auth.TokenAuth)
+            M.AUTH_THROTTLED.inc()
+            message, extra = too_many(wait)
+            headers = {k.decode(): v.decode() for k, v in extra}
+            return HTMLResponse(
+                login_page(message[0].upper() + message[1:] + ".", next_path).decode(), 429, headers
+            )
         if not token_ok(token, presented):
-            await asyncio.sleep(0.5)  # slows down guessing; the token should be long anyway
+            limiter.failed(who)
             return HTMLResponse(login_page("Wrong token.", next_path).decode(), status_code=401)
         response = RedirectResponse(next_path, status_code=303)
         response.set_cookie(
@@ -537,7 +614,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         totals: dict[str, int] = {"faces": 0, "female": 0, "male": 0, "uncertain": 0, "no_model": 0}
         stages: dict[str, list[float]] = {}
         for view in state.cameras.values():
-            for name, count in view.counts().items():
+            for name, count in view.counts(COUNTS_MAX_AGE_S).items():
                 totals[name] = totals.get(name, 0) + count
             if view.latest_result is not None:
                 for stage, ms in view.latest_result.timestamps.stages_ms().items():

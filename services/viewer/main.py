@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=5,
+        # The client address is the peer's own: uvicorn would otherwise take X-Forwarded-For from any
+        # local client, and one guesser could pose as many (failed logins are limited per client).
+        proxy_headers=False,
     )
     _CleanExitServer(config, on_exit=app.state.stop_streams).run()
     return 0

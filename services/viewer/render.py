@@ -128,14 +128,6 @@ def face_caption(face: TrackedFace) -> str:
     return f"{face.label} {face.confidence * 100:.0f}% #{face.track_id}"
 
 
-def hud_height(image: Image) -> int:
-    """Height of the HUD line at the top (labels are kept clear of it)."""
-    height, width = image.shape[:2]
-    unit = max(width, height) / 1000
-    (_, th), base = cv2.getTextSize("Ay", FONT, max(0.55, 0.7 * unit), max(1, round(1.5 * unit)))
-    return th + 2 * max(2, int(th * 0.35)) + base // 2
-
-
 def draw_faces(image: Image, faces: Sequence[TrackedFace], reserved_top: int = 0) -> None:
     """Boxes and captions. A caption goes above its box, or just inside the box's top edge where
     above would run into the top ``reserved_top`` pixels (the HUD) or off the frame."""
@@ -162,19 +154,55 @@ def draw_faces(image: Image, faces: Sequence[TrackedFace], reserved_top: int = 0
         _text_box(image, caption, (x1, y), scale, (0, 0, 0), colour, text_thick)
 
 
-def draw_hud(image: Image, hud: Hud) -> None:
+def _hud_lines(hud: Hud) -> list[str]:
+    latency = f"{hud.latency_ms:.0f} ms" if hud.latency_ms is not None else "-"
+    lines = [f"{hud.camera_id}  {hud.fps:4.1f} fps  latency {latency}"]
+    if hud.note:
+        lines.append(hud.note)
+    return lines
+
+
+def _hud_corner(
+    width: int, height: int, size: tuple[int, int], faces: Sequence[TrackedFace], label_h: int
+) -> tuple[int, int]:
+    """Top-left corner of the HUD block: the first corner (top-left, top-right, bottom-left,
+    bottom-right) clear of every face and its caption, else the one overlapping them least."""
+    w, h = size
+    regions = [
+        (face.box[0], face.box[1] - label_h, face.box[0] + face.box[2], face.box[1] + face.box[3])
+        for face in faces
+    ]
+    best, best_overlap = (0, 0), float("inf")
+    for x, y in ((0, 0), (width - w, 0), (0, height - h), (width - w, height - h)):
+        overlap = sum(
+            max(0.0, min(x + w, x2) - max(x, x1)) * max(0.0, min(y + h, y2) - max(y, y1))
+            for x1, y1, x2, y2 in regions
+        )
+        if overlap < best_overlap:
+            best, best_overlap = (max(0, x), max(0, y)), overlap
+        if overlap == 0:
+            break
+    return best
+
+
+def draw_hud(image: Image, hud: Hud, faces: Sequence[TrackedFace] = ()) -> None:
+    """The HUD block (camera, fps, latency; a note such as "no inference" on a second line) in a
+    corner clear of the faces, so it never hides a face's label."""
     height, width = image.shape[:2]
     unit = max(width, height) / 1000
     scale = max(0.55, 0.7 * unit)
     thick = max(1, round(1.5 * unit))
-    latency = f"{hud.latency_ms:.0f} ms" if hud.latency_ms is not None else "-"
-    text = f"{hud.camera_id}  {hud.fps:4.1f} fps  latency {latency}"
-    _text_box(image, text, (0, 0), scale, (255, 255, 255), (32, 32, 32), thick)
-    if hud.note:
-        (tw, th), _ = cv2.getTextSize(hud.note, FONT, scale * 1.1, thick)
-        _text_box(
-            image, hud.note, ((width - tw) // 2, height - th), scale * 1.1, (0, 0, 0), (66, 228, 240), thick
-        )
+    lines = _hud_lines(hud)
+    sizes = [cv2.getTextSize(line, FONT, scale, thick) for line in lines]
+    pad = max(2, int(sizes[0][0][1] * 0.35))
+    line_h = [th + 2 * pad + base // 2 for (_, th), base in sizes]
+    block = (max(tw for (tw, _), _ in sizes) + 2 * pad, sum(line_h))
+    caption_h = cv2.getTextSize("Ay", FONT, max(0.6, 0.9 * unit), max(1, max(2, round(2.5 * unit)) - 1))
+    x, y = _hud_corner(width, height, block, faces, caption_h[0][1] + caption_h[1] + 2 * pad)
+    for i, line in enumerate(lines):
+        y += line_h[i]
+        fg, bg = ((255, 255, 255), (32, 32, 32)) if i == 0 else ((0, 0, 0), (66, 228, 240))
+        _text_box(image, line, (x, y - (line_h[i] - sizes[i][0][1] - 2 * pad)), scale, fg, bg, thick)
 
 
 def annotate(
@@ -195,8 +223,9 @@ def annotate(
         blur_region(image, 0, 0, width, height)
     elif blur:
         blur_faces(image, faces)
-    draw_faces(image, faces, reserved_top=hud_height(image))
-    draw_hud(image, hud)
+    # The HUD first, in a corner clear of the faces, and the faces over it: a label is never hidden.
+    draw_hud(image, hud, faces)
+    draw_faces(image, faces)
     return encode(image, quality)
 
 

@@ -75,13 +75,34 @@ function updateTile(tile, cam) {
     tile.status = status;
   }
   tile.el.querySelector(".fps").textContent = `${fmt(cam.fps, 1)} fps`;
-  tile.el.querySelector(".lat").textContent = `${fmt(cam.latency_ms)} ms`;
-  const c = cam.counts || {};
-  const parts = [["female", "female"], ["male", "male"], ["uncertain", "uncertain"], ["no_model", "no model"]]
-    .filter(([k]) => c[k]).map(([k, name]) => `${c[k]} ${name}`);
-  tile.el.querySelector(".faces").textContent =
-    `${cam.faces} face${cam.faces === 1 ? "" : "s"}` + (parts.length ? ` · ${parts.join(", ")}` : "");
-  if (!cam.inference && status === "live") tile.el.querySelector(".lat").textContent = "no inference";
+  tile.el.querySelector(".lat").textContent = cam.inference ? `${fmt(cam.latency_ms)} ms` : "– ms";
+  // In the tile's head, where it is seen whatever the size of the screen (not over the picture).
+  tile.el.querySelector(".note").hidden = !(status === "live" && !cam.inference);
+  setCounts(cam.id, cam.counts || {});
+}
+
+// Faces in view per camera: from every result message (so the panel keeps up with the picture)
+// and from the stats once a second (which zero them when results stop coming).
+const counts = new Map();
+function setCounts(id, c) {
+  counts.set(id, c);
+  const tile = tiles.get(id);
+  if (tile) {
+    const n = c.faces || 0;
+    const parts = [["female", "female"], ["male", "male"], ["uncertain", "uncertain"], ["no_model", "no model"]]
+      .filter(([k]) => c[k]).map(([k, name]) => `${c[k]} ${name}`);
+    tile.el.querySelector(".faces").textContent =
+      `${n} face${n === 1 ? "" : "s"}` + (parts.length ? ` · ${parts.join(", ")}` : "");
+  }
+  renderTotals();
+}
+function renderTotals() {
+  const t = { faces: 0, female: 0, male: 0, uncertain: 0 };
+  for (const [id, c] of counts) {
+    if (!tiles.has(id)) continue;
+    for (const k of Object.keys(t)) t[k] += c[k] || 0;
+  }
+  for (const k of Object.keys(t)) $(`c-${k}`).textContent = t[k];
 }
 
 function applyCameras(cameras) {
@@ -91,11 +112,13 @@ function applyCameras(cameras) {
     const tile = tiles.get(cam.id) || makeTile(cam);
     updateTile(tile, cam);
   }
-  for (const id of [...tiles.keys()]) if (!seen.has(id)) removeTile(id);
+  for (const id of [...tiles.keys()]) if (!seen.has(id)) { removeTile(id); counts.delete(id); }
+  renderTotals();
   layoutWall();
   if (focused) {
     const cam = cameras.find((c) => c.id === focused);
-    if (cam) $("focus-title").textContent = `${cam.id} · ${STATUS_TEXT[cam.status] || cam.status} · ${fmt(cam.fps, 1)} fps · ${fmt(cam.latency_ms)} ms`;
+    // Fps and latency are in the picture's own heads-up line: not a second, older copy here.
+    if (cam) $("focus-title").textContent = `${cam.id} · ${STATUS_TEXT[cam.status] || cam.status}` + (cam.status === "live" && !cam.inference ? " · no inference" : "");
   }
 }
 
@@ -113,8 +136,6 @@ function applyStats(s) {
   $("model-pill").textContent = s.model ? `model ${s.model.name} ${s.model.version}` : "no model";
   $("blur-pill").hidden = !s.blur;
   $("thr").textContent = `${Math.round((s.uncertain_threshold || 0) * 100)}%`;
-  const t = s.totals || {};
-  for (const k of ["faces", "female", "male", "uncertain"]) $(`c-${k}`).textContent = t[k] || 0;
   renderStages(s.stages_ms || {});
   renderWorkers(s.worker_list || []);
   renderEvents(s.refused || []);
@@ -198,6 +219,7 @@ function connect(delay = 500) {
     const m = JSON.parse(ev.data);
     if (m.type === "stats") applyStats(m);
     else if (m.type === "cameras") applyCameras(m.cameras);
+    else if (m.type === "result" && tiles.has(m.camera)) setCounts(m.camera, m.counts || {});
   };
   ws.onclose = () => {
     wsAlive = false;
