@@ -428,3 +428,15 @@ def test_redis_outage_shows_reconnecting_then_recovers(rdb: redis.Redis) -> None
             assert client.get("/readyz").status_code == 200
     finally:
         proxy.cut()
+
+
+def test_counts_go_to_zero_when_results_stop(rdb: redis.Redis) -> None:
+    """With 0 workers the page kept showing the last counts as if they were current."""
+    with Feeder(rdb, "cam-z") as feeder, TestClient(create_app(settings())) as client:
+        wait_until(lambda: (c := camera(client, "cam-z")) and c["faces"] >= 1 and c["inference"])
+        feeder.results = False  # the last worker went away; frames keep coming
+        cam = wait_until(lambda: (c := camera(client, "cam-z")) and not c["inference"] and c, timeout=8)
+        assert cam["status"] == "live" and cam["faces"] == 0 and cam["counts"]["female"] == 0
+        with client.websocket_connect("/ws") as ws:
+            stats = json.loads(ws.receive_text())
+        assert stats["totals"]["faces"] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -343,3 +344,56 @@ def test_failure_limiter_memory_is_bounded() -> None:
     # An IPv6 client is one client for its whole /64.
     assert client_key({"client": ("2001:db8::1", 1)}) == client_key({"client": ("2001:db8::ffff:2", 1)})
     assert client_key({"client": ("127.0.0.1", 1)}) != client_key({"client": ("127.0.0.2", 1)})
+
+
+# -- item 17: smaller things that a test without a browser can show ----------------------------------
+def test_favicon_and_offline_docs(rdb: redis.Redis) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.viewer.app import create_app
+
+    token = secrets.token_urlsafe(24)
+    settings = ViewerSettings(
+        redis_url=SecretStr(REDIS_URL), viewer_token=SecretStr(token), allowed_hosts="testserver"
+    )
+    with TestClient(create_app(settings)) as client:
+        icon = client.get("/favicon.ico")  # open, like the login page that shows it
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+        assert icon.content[:4] == b"\x00\x00\x01\x00"
+        bearer = {"Authorization": f"Bearer {token}"}
+        for path in ("/docs", "/redoc"):
+            page = client.get(path, headers=bearer)
+            assert page.status_code == 200
+            # Nothing from elsewhere: every script and style sheet is the viewer's own.
+            assert "http://" not in page.text and "https://" not in page.text, page.text
+            assets = [a for a in re.findall(r'(?:src|href)="([^"]+)"', page.text) if a != "/favicon.ico"]
+            assert assets
+            for asset in assets:
+                r = client.get(asset)
+                assert r.status_code == 200 and len(r.content) > 10_000, asset
+
+
+def test_captions_near_the_top_left_are_not_hidden_by_the_hud() -> None:
+    """The heads-up line (camera, fps, latency) was drawn last, over the captions of faces near the
+    top-left corner. It now goes to a corner clear of the faces, and faces are drawn over it."""
+    import cv2
+    import numpy as np
+
+    from services.viewer.render import CLASS_COLOURS_BGR, Hud, annotate
+    from services.viewer.tracker import TrackedFace
+
+    jpeg, _, _ = photo_jpeg(photo_paths(1)[0], width=640)
+    for box in ((4.0, 6.0, 90.0, 90.0), (30.0, 40.0, 80.0, 80.0)):
+        face = TrackedFace(7, box, 0.9, "female", 0.93, "female", 0.93)
+        out = annotate(
+            jpeg, [face], Hud("a-long-camera-name", 14.9, 87.0), blur=False, blur_all=False, quality=95
+        )
+        image = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        x, y = int(box[0]), int(box[1])
+        # The caption's coloured background: above the box, or just inside its top edge.
+        best = 0.0
+        for rows in (slice(max(0, y - 14), max(1, y - 4)), slice(y + 4, y + 14)):
+            strip = image[rows, x + 3 : x + 60].reshape(-1, 3)
+            orange = np.abs(strip - np.array(CLASS_COLOURS_BGR["female"])).max(axis=1) < 60
+            best = max(best, float(orange.mean()))
+        assert best > 0.5, f"caption of a face at {box} hidden ({best:.2f} of its background visible)"
