@@ -134,7 +134,10 @@ def test_many_faces_per_result_keep_healthz_fast_and_sigterm_prompt(rdb: redis.R
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline:
             started = time.monotonic()
-            assert httpx.get(f"{viewer.base}/healthz", timeout=30).status_code == 200
+            try:
+                assert httpx.get(f"{viewer.base}/healthz", timeout=10).status_code == 200
+            except httpx.TimeoutException:
+                pytest.fail("/healthz did not answer within 10 s while the viewer handled many faces")
             worst = max(worst, time.monotonic() - started)
             time.sleep(0.05)
         assert worst < 1.0, f"/healthz took {worst:.2f}s while the viewer handled many faces"
@@ -154,6 +157,7 @@ def test_many_faces_per_result_keep_healthz_fast_and_sigterm_prompt(rdb: redis.R
         took = time.monotonic() - started
         assert code == 0, viewer.log()
         assert took < 8, f"SIGTERM took {took:.1f}s"
+        print(f"\nworst /healthz {worst * 1000:.0f} ms; SIGTERM to exit {took:.2f} s")
     finally:
         viewer.stop()
 
