@@ -401,3 +401,16 @@ def test_captions_near_the_top_left_are_not_hidden_by_the_hud() -> None:
             orange = np.abs(strip - np.array(CLASS_COLOURS_BGR["female"])).max(axis=1) < 60
             best = max(best, float(orange.mean()))
         assert best > 0.5, f"caption of a face at {box} hidden ({best:.2f} of its background visible)"
+
+
+def test_default_host_names_work_on_localhost_and_on_every_interface() -> None:
+    assert ViewerSettings().trusted_hosts() == ["localhost", "127.0.0.1", "[::1]"]
+    token = SecretStr(secrets.token_urlsafe(24))
+    public = ViewerSettings(host="0.0.0.0", viewer_token=token, allowed_hosts="wall.example.org, *.lan")
+    hosts = public.trusted_hosts()
+    # The machine's own name, the address `genderlens up` prints, and the configured names.
+    assert {"localhost", "0.0.0.0", socket.gethostname().lower(), "wall.example.org", "*.lan"} <= set(hosts)
+    assert "[::]" in ViewerSettings(host="::", viewer_token=token).trusted_hosts()
+    assert "192.0.2.7" in ViewerSettings(host="192.0.2.7", viewer_token=token).trusted_hosts()
+    with pytest.raises(ValidationError, match="bad host pattern"):
+        ViewerSettings(allowed_hosts="evil*.example")

@@ -114,14 +114,14 @@ class ViewerSettings(CommonSettings):
         """Host names the viewer answers to (Starlette's TrustedHostMiddleware patterns)."""
         hosts = ["localhost", "127.0.0.1", "[::1]"]
         bind = self.host.strip("[]")
+        if bind:  # also a wildcard address itself, which `genderlens up` prints as the URL to open
+            hosts.append(f"[{bind}]" if ":" in bind else bind)
         if bind in WILDCARD_HOSTS:
             # Bound to every interface: this machine's own name and addresses are ours too.
             names = {socket.gethostname()}
             with contextlib.suppress(OSError):
                 names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
             hosts += sorted(n for n in names if n)
-        else:
-            hosts.append(f"[{bind}]" if ":" in bind else bind)
         hosts += _csv(self.allowed_hosts)
         return list(dict.fromkeys(h.lower() for h in hosts))
 
