@@ -174,8 +174,26 @@ def test_undecodable_frames_keep_their_place(
         out = pipeline.process([b"", good, b"\xff\xd8garbage", good], classifier, None)
         assert [type(o) for o in out] == [FrameError, FrameOutput, FrameError, FrameOutput]
         assert _same_faces(out[1], out[3])
-        assert pipeline.process([b"junk"], classifier, None) == [FrameError("undecodable JPEG")]
+        assert pipeline.process([b"junk"], classifier, None) == [
+            FrameError("corrupt JPEG: no start-of-image marker")
+        ]
         assert pipeline.process([], classifier, None) == []
+
+
+def test_a_decompression_bomb_is_refused_before_decoding_on_both_routes(
+    detectors: dict[str, FaceDetector], classifier: Classifier
+) -> None:
+    """A 700-byte JPEG declaring 8192x8192 cost a worker 3-7 s and 200 MB each: both routes now read
+    its frame header first and refuse it (issue 11, item 9)."""
+    good = build_clip(EVAL, 1, seed=5).jpegs[0]
+    data = bytearray(good)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (8192).to_bytes(2, "big") + (8192).to_bytes(2, "big")
+    for route in (False, True):
+        pipeline = Pipeline(detectors["torch-yunet"], "cpu", device_route=route)
+        out = pipeline.process([bytes(data), good], classifier, None)
+        assert isinstance(out[0], FrameError) and "absurd JPEG dimensions 8192x8192" in out[0].reason
+        assert isinstance(out[1], FrameOutput)
 
 
 def _same_faces(a: Any, b: Any) -> bool:
