@@ -30,7 +30,7 @@ from services.capture.sources import FrameSource, SourceError, SourceOptions, So
 from shared import constants as C
 from shared.accounting import Accounting
 from shared.schema import CameraInfo, Frame
-from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group
+from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group, publish_event, warn_if_evicting
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ class CaptureService:
     def _publish_loop(self) -> None:
         backoff = Backoff(cap_s=5.0)
         registered = False
+        policy_checked = False
         last_beat = 0.0
         while True:
             try:
@@ -236,6 +237,9 @@ class CaptureService:
                     self._status_dirty.clear()
                     self._register()
                     registered, last_beat = True, now
+                    if not policy_checked:
+                        policy_checked = True
+                        warn_if_evicting(self._client, f"capture {self.camera_id}")
                 if frame is not None:
                     self._publish(frame)
                 backoff.reset()
@@ -270,3 +274,13 @@ class CaptureService:
         FRAMES_PUBLISHED.labels(self.camera_id).inc()
         if published.evicted:
             FRAMES_EVICTED.labels(self.camera_id).inc(published.evicted)
+        if published.reset_lost is not None:
+            # Someone wrote an entry with the largest possible id: the publish script re-created the
+            # stream and its group, and counted the frames still in flight as evicted.
+            FRAMES_EVICTED.labels(self.camera_id).inc(published.reset_lost)
+            message = (
+                f"camera {self.camera_id}: {self.stream} had exhausted its last possible id; re-created, "
+                f"{published.reset_lost} frames in flight counted evicted"
+            )
+            log.error("%s", message)
+            publish_event(self._client, "error", f"capture {self.camera_id}", message)
