@@ -1,7 +1,8 @@
 """Exactly-once frame accounting, done inside Redis by two small Lua scripts.
 
 Every frame capture publishes ends in exactly one of the per-camera counters (``stats_key``):
-``processed``, ``dropped_stale``, ``evicted`` or ``dead_lettered``; so once the streams are drained
+``processed``, ``dropped_stale`` (at read, or at publish: then ``dropped_stale_publish`` is counted
+beside it), ``evicted`` or ``dead_lettered``; so once the streams are drained
 ``published == processed + dropped_stale + evicted + dead_lettered`` holds for every camera. Two
 scripts keep it exact, because a counter incremented outside the operation it counts drifts on every
 crash, retry and race:

@@ -683,3 +683,23 @@ def test_15_every_service_warns_loudly_when_redis_may_evict(
 
     client.config_set("maxmemory-policy", "noeviction")
     assert warn_if_evicting(client, "probe") is None  # the policy to use: nothing to say
+
+
+def test_9_capture_keeps_its_frames_within_the_pixel_bound(tmp_path: Path) -> None:
+    """max_width allows 8192: capture also scales a frame into the bound every reader applies, so a
+    big camera is downscaled rather than refused by every worker."""
+    from services.capture.service import CaptureService
+    from services.capture.settings import CaptureSettings
+    from services.capture.sources import parse_source
+    from shared.schema import MAX_PIXELS
+
+    (tmp_path / "src").mkdir()
+    settings = CaptureSettings(max_width=8192, redis_url=SecretStr("redis://127.0.0.1:1/0"))
+    capture = CaptureService(settings, parse_source(str(tmp_path / "src")), "cam", threading.Event())
+    for height, width in ((6144, 8192), (8192, 1024), (720, 1280)):
+        frame = capture._encode(np.zeros((height, width, 3), np.uint8), 0)
+        assert frame is not None
+        back = Frame.from_fields(frame.to_fields())
+        assert back.width * back.height <= MAX_PIXELS
+        assert abs(back.width / back.height - width / height) < 0.01
+    assert (back.width, back.height) == (1280, 720)
