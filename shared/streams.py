@@ -226,12 +226,6 @@ class Quarantine:
         self._retry_at.pop(key, None)
         return self._attempts.pop(key, None) is not None
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._attempts
-
-    def __len__(self) -> int:
-        return len(self._attempts)
-
 
 #: Part of the error Redis answers to XADD on a stream whose last id is the largest possible one
 #: (``shared.accounting``'s scripts match it literally).

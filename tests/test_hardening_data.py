@@ -52,6 +52,7 @@ from tests.faults_support import (
     services,  # noqa: F401  (fixture)
     wait_until,
 )
+from tests.test_viewer_support import make_face
 
 MAX_ID = "18446744073709551615-18446744073709551615"
 
@@ -163,16 +164,6 @@ def camera(client: TestClient, camera_id: str) -> dict[str, Any] | None:
     return next((c for c in client.get("/api/cameras").json() if c["id"] == camera_id), None)
 
 
-def face(box: list[float] | tuple[float, ...]) -> Face:
-    x, y, w, h = box
-    lms = tuple(
-        (x + w * fx, y + h * fy) for fx, fy in ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
-    )
-    return Face(
-        box=(x, y, w, h), landmarks=lms, score=0.9, label="female", probs={"female": 0.9, "male": 0.1}
-    )
-
-
 def result_obj(entry_id: str, frame: Frame, faces: list[Face]) -> dict[str, Any]:
     t = frame.captured_at
     return Result(
@@ -196,7 +187,7 @@ def publish_pair(
     data = jpeg(320, 240, shade=seq * 20 % 255)
     frame = Frame(camera_id, seq, time.time(), 320, 240, data)
     entry_id = client.xadd(C.frames_stream(camera_id), frame.to_fields())
-    obj = result_obj(entry_id.decode(), frame, [face((100.0, 60.0, 80.0, 100.0))])
+    obj = result_obj(entry_id.decode(), frame, [make_face((100.0, 60.0, 80.0, 100.0), 0.9)])
     for key, value in (result_changes or {}).items():
         if key.startswith("face."):
             obj["faces"][0][key[5:]] = value
