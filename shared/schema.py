@@ -9,6 +9,7 @@ instead of crashing. Pixels travel as JPEG bytes.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Final, Self
@@ -23,7 +24,19 @@ FIELD: Final = b"m"
 #: Hard limits: anything above is refused as malformed (a huge payload must not reach a decoder).
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 MAX_DIMENSION: Final = 8192
-MAX_FACES: Final = 512
+#: The most pixels any service decodes (4096 x 4096: 48 MiB as BGR). A JPEG's frame header is read
+#: before decoding (``check_jpeg``), so a decompression bomb (a tiny file that declares 30000x30000)
+#: is refused without allocating for it; capture's frames are far below (1280 px wide by default).
+MAX_PIXELS: Final = 4096 * 4096
+#: Most faces in one result: more than a frame can show legibly, and the viewer's tracker is quadratic
+#: in it. The worker keeps the highest-scoring ones.
+MAX_FACES: Final = 256
+#: Box and landmark coordinates are pixels of a frame of at most MAX_DIMENSION a side; detections may
+#: stick out of the frame a little, never this far (and C drawing code must never see a huge number).
+MAX_COORDINATE: Final = 2.0 * MAX_DIMENSION
+#: Class names, labels, worker and model names: short strings; most classes per face.
+MAX_NAME_CHARS: Final = 200
+MAX_CLASSES: Final = 64
 #: The five YuNet landmarks, in YuNet's order.
 LANDMARK_NAMES: Final = ("right_eye", "left_eye", "nose", "right_mouth", "left_mouth")
 
@@ -76,6 +89,34 @@ def _req(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], kind:
     return value
 
 
+def _number(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """A finite int or float (never bool) within [lo, hi], as float; SchemaError otherwise. Every
+    number that reaches a renderer, a JSON encoder or a tracker goes through here: NaN becomes
+    invalid JSON, infinity an OverflowError in drawing code."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SchemaError(f"{what} is {type(value).__name__}, not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise SchemaError(f"{what} is not finite")
+    if not lo <= number <= hi:
+        raise SchemaError(f"{what} {number:g} is out of range [{lo:g}, {hi:g}]")
+    return number
+
+
+def _numbers(value: Any, n: int, what: str, lo: float, hi: float) -> tuple[float, ...]:
+    """Exactly ``n`` numbers in a list (msgpack turns tuples into lists)."""
+    if not isinstance(value, list | tuple) or len(value) != n:
+        raise SchemaError(f"{what} must be a list of {n} numbers")
+    return tuple(_number(v, what, lo, hi) for v in value)
+
+
+def _name(obj: Mapping[str, Any], key: str, kind: str) -> str:
+    value = _req(obj, key, str, kind)
+    if len(value) > MAX_NAME_CHARS:
+        raise SchemaError(f"{kind}: {key!r} longer than {MAX_NAME_CHARS} characters")
+    return str(value)
+
+
 def _camera_id(obj: Mapping[str, Any], kind: str) -> str:
     camera_id = _req(obj, "camera_id", str, kind)
     if not is_valid_camera_id(camera_id):
@@ -86,9 +127,73 @@ def _camera_id(obj: Mapping[str, Any], kind: str) -> str:
 def _dims(obj: Mapping[str, Any], kind: str) -> tuple[int, int]:
     width = _req(obj, "width", int, kind)
     height = _req(obj, "height", int, kind)
-    if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
+    if not dimensions_ok(width, height):
         raise SchemaError(f"{kind}: absurd dimensions {width}x{height}")
     return int(width), int(height)
+
+
+def dimensions_ok(width: int, height: int) -> bool:
+    """Within MAX_DIMENSION a side and MAX_PIXELS in all: what any service agrees to decode."""
+    return 0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION and width * height <= MAX_PIXELS
+
+
+#: JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT C4, JPG C8, DAC CC).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: Markers without a length field.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, without decoding; raises ValueError with a reason.
+
+    Read before decoding so that a decompression bomb (a tiny file declaring 60000x60000) or a
+    truncated upload never reaches the decoder, which would allocate for it or quietly return a
+    half-grey image."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        raise ValueError("corrupt JPEG: no start-of-image marker")
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ValueError("truncated JPEG: no end-of-image marker")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG: no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ValueError("corrupt JPEG: scan data before any frame header")
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise ValueError(f"corrupt JPEG: segment length {length}")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(data):
+                raise ValueError("truncated JPEG: frame header cut short")
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(width), int(height)
+        pos += 2 + length
+    raise ValueError("corrupt JPEG: no frame header")
+
+
+def check_jpeg(data: bytes, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The one check every service runs before decoding a JPEG: well-formed markers, a frame header
+    within ``dimensions_ok``, and (when given) exactly the declared ``width`` x ``height``. Returns
+    the JPEG's (width, height); raises :class:`SchemaError` (a ValueError) with the reason."""
+    try:
+        jpeg_w, jpeg_h = jpeg_size(data)
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None
+    if not dimensions_ok(jpeg_w, jpeg_h):
+        raise SchemaError(
+            f"absurd JPEG dimensions {jpeg_w}x{jpeg_h} "
+            f"(limits: {MAX_DIMENSION} a side, {MAX_PIXELS} pixels in all)"
+        )
+    if width is not None and height is not None and (jpeg_w, jpeg_h) != (width, height):
+        raise SchemaError(f"frame declares {width}x{height} but its JPEG is {jpeg_w}x{jpeg_h}")
+    return jpeg_w, jpeg_h
 
 
 class _Message:
@@ -110,7 +215,8 @@ class _Message:
 
 @dataclass(frozen=True, slots=True)
 class Frame(_Message):
-    """One captured video frame. ``jpeg`` holds the encoded pixels."""
+    """One captured video frame. ``jpeg`` holds the encoded pixels; ``from_fields`` checks its frame
+    header (``check_jpeg``) against ``width`` x ``height`` and the pixel bound, without decoding."""
 
     KIND: ClassVar[str] = "frame"
     camera_id: str
@@ -130,10 +236,13 @@ class Frame(_Message):
         seq = _req(obj, "seq", int, cls.KIND)
         if seq < 0:
             raise SchemaError("frame: negative seq")
+        camera_id = _camera_id(obj, cls.KIND)
+        captured_at = float(_req(obj, "captured_at", (float, int), cls.KIND))
+        check_jpeg(jpeg, width, height)
         return cls(
-            camera_id=_camera_id(obj, cls.KIND),
+            camera_id=camera_id,
             seq=int(seq),
-            captured_at=float(_req(obj, "captured_at", (float, int), cls.KIND)),
+            captured_at=captured_at,
             width=width,
             height=height,
             jpeg=bytes(jpeg),
@@ -157,24 +266,33 @@ class Face:
 
     @classmethod
     def from_obj(cls, obj: Any) -> Face:
+        """Every number finite and in range, every shape exact (4 box numbers, 5 points of 2)."""
         if not isinstance(obj, dict):
             raise SchemaError("result: face is not a map")
         box = _req(obj, "box", list, "face")
         lms = _req(obj, "landmarks", list, "face")
         probs = _req(obj, "probs", dict, "face")
-        try:
-            box_t = tuple(float(v) for v in box)
-            lms_t = tuple((float(p[0]), float(p[1])) for p in lms)
-            probs_d = {str(k): float(v) for k, v in probs.items()}
-        except (TypeError, ValueError, IndexError) as exc:
-            raise SchemaError(f"face: bad numbers ({exc})") from exc
-        if len(box_t) != 4 or len(lms_t) != len(LANDMARK_NAMES):
+        if len(box) != 4 or len(lms) != len(LANDMARK_NAMES):
             raise SchemaError("face: box needs 4 numbers and landmarks 5 points")
+        x, y, w, h = _numbers(box, 4, "face: box", -MAX_COORDINATE, MAX_COORDINATE)
+        if w < 0 or h < 0:
+            raise SchemaError("face: box has a negative size")
+        lms_t = tuple(
+            (p[0], p[1])
+            for p in (_numbers(p, 2, "face: landmark", -MAX_COORDINATE, MAX_COORDINATE) for p in lms)
+        )
+        if len(probs) > MAX_CLASSES:
+            raise SchemaError(f"face: more than {MAX_CLASSES} class probabilities")
+        probs_d: dict[str, float] = {}
+        for k, v in probs.items():
+            if not isinstance(k, str) or len(k) > MAX_NAME_CHARS:
+                raise SchemaError("face: class names must be short strings")
+            probs_d[k] = _number(v, "face: probability", 0.0, 1.0)
         return cls(
-            box=box_t,
+            box=(x, y, w, h),
             landmarks=lms_t,
-            score=float(_req(obj, "score", (float, int), "face")),
-            label=str(_req(obj, "label", str, "face")),
+            score=_number(_req(obj, "score", (float, int), "face"), "face: score"),
+            label=_name(obj, "label", "face"),
             probs=probs_d,
         )
 
@@ -233,21 +351,31 @@ class Result(_Message):
         if len(faces) > MAX_FACES:
             raise SchemaError(f"result: {len(faces)} faces exceeds {MAX_FACES}")
         model = obj.get("model")
-        if model is not None and not (isinstance(model, dict) and {"name", "version"} <= model.keys()):
-            raise SchemaError("result: model must be null or {name, version}")
-        try:
-            timestamps = Timestamps(**{k: float(ts[k]) for k in Timestamps.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SchemaError(f"result: bad timestamps ({exc})") from exc
+        model_ref: ModelRef | None = None
+        if model is not None:
+            if not (isinstance(model, dict) and {"name", "version"} <= model.keys()):
+                raise SchemaError("result: model must be null or {name, version}")
+            model_ref = ModelRef(
+                _name(model, "name", "result: model"), _name(model, "version", "result: model")
+            )
+        missing = [k for k in Timestamps.__dataclass_fields__ if k not in ts]
+        if missing:
+            raise SchemaError(f"result: timestamps lack {', '.join(missing)}")
+        timestamps = Timestamps(
+            **{k: _number(ts[k], f"result: timestamp {k!r}", 0.0) for k in Timestamps.__dataclass_fields__}
+        )
+        seq = _req(obj, "seq", int, cls.KIND)
+        if seq < 0:
+            raise SchemaError("result: negative seq")
         return cls(
             camera_id=_camera_id(obj, cls.KIND),
-            seq=int(_req(obj, "seq", int, cls.KIND)),
-            frame_id=str(_req(obj, "frame_id", str, cls.KIND)),
+            seq=int(seq),
+            frame_id=_name(obj, "frame_id", cls.KIND),
             width=width,
             height=height,
             timestamps=timestamps,
-            model=ModelRef(str(model["name"]), str(model["version"])) if model else None,
-            worker=str(_req(obj, "worker", str, cls.KIND)),
+            model=model_ref,
+            worker=_name(obj, "worker", cls.KIND),
             faces=tuple(Face.from_obj(f) for f in faces),
         )
 

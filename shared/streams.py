@@ -4,6 +4,10 @@
 - ``Backoff`` is the capped exponential retry policy every service uses through an outage.
 - ``ensure_group`` creates the consumer group (idempotent; recreates it after a Redis restart).
 - ``autoclaim`` wraps XAUTOCLAIM so callers see one shape on Redis 6.2 and 7.x.
+- ``Quarantine`` keeps one camera's broken keys (wrong type, ...) that camera's problem: each is set
+  aside and retried on its own capped backoff while the others flow.
+- ``eviction_warning`` / ``warn_if_evicting``: Redis must not evict our keys; every service checks the
+  server's ``maxmemory-policy`` when it connects and warns loudly (log and event) if it would.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis.exceptions import ResponseError
+
+from shared import constants as C
+from shared.schema import Event
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +189,104 @@ def stream_id_age_ms(entry_id: bytes | str, now: float | None = None) -> float:
     """How old an entry is by its id (ids start with the server's ms clock)."""
     ms, _ = parse_stream_id(entry_id)
     return (now if now is not None else time.time()) * 1000 - ms
+
+
+@dataclass
+class Quarantine:
+    """Keys (streams) that failed with an error of their own (WRONGTYPE: someone wrote a string where a
+    camera's stream belongs), set aside so that one camera's bad state stays that camera's problem.
+
+    Each key is retried after its own capped exponential backoff (``base_s`` doubling to ``cap_s``);
+    a success (``clear``) forgets it. ``add`` and ``clear`` say whether the state changed, so that the
+    caller reports it once (log, event, metric), not at every retry."""
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    _retry_at: dict[str, float] = field(default_factory=dict)
+    _attempts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, now: float | None = None) -> bool:
+        """Set ``key`` aside (again). True when it was not quarantined before."""
+        attempt = self._attempts.get(key, 0)
+        self._attempts[key] = attempt + 1
+        delay = min(self.cap_s, self.base_s * (2**attempt))
+        self._retry_at[key] = (time.monotonic() if now is None else now) + delay
+        return attempt == 0
+
+    def blocked(self, key: str, now: float | None = None) -> bool:
+        """True while ``key`` waits for its next retry."""
+        retry_at = self._retry_at.get(key)
+        return retry_at is not None and (time.monotonic() if now is None else now) < retry_at
+
+    def retry_in(self, key: str) -> float:
+        return max(0.0, self._retry_at.get(key, 0.0) - time.monotonic())
+
+    def clear(self, key: str) -> bool:
+        """``key`` works again. True when it was quarantined."""
+        self._retry_at.pop(key, None)
+        return self._attempts.pop(key, None) is not None
+
+
+#: Part of the error Redis answers to XADD on a stream whose last id is the largest possible one
+#: (``shared.accounting``'s scripts match it literally).
+EXHAUSTED_ID_ERROR = "exhausted the last possible ID"
+
+
+def is_key_error(exc: BaseException) -> bool:
+    """An error that belongs to one key, not to the server or the connection: WRONGTYPE (a string or
+    hash where a stream belongs) or an exhausted stream id. Other keys keep working."""
+    text = str(exc)
+    return isinstance(exc, ResponseError) and ("WRONGTYPE" in text or EXHAUSTED_ID_ERROR in text)
+
+
+#: Policies under which Redis never deletes keys on its own (anything else may delete stats hashes,
+#: heartbeats or whole streams under memory pressure, silently).
+SAFE_EVICTION_POLICIES = frozenset({"noeviction"})
+
+
+def eviction_warning(memory_info: Mapping[Any, Any]) -> str | None:
+    """The warning to give for a server whose ``INFO memory`` is ``memory_info``, or None if it never
+    evicts keys. ``volatile-*`` policies count too: heartbeats carry a TTL."""
+    raw = memory_info.get("maxmemory_policy", memory_info.get(b"maxmemory_policy"))
+    if raw is None:
+        return None
+    policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if policy in SAFE_EVICTION_POLICIES:
+        return None
+    maxmemory = int(memory_info.get("maxmemory", memory_info.get(b"maxmemory", 0)) or 0)
+    limit = f"maxmemory {maxmemory} bytes" if maxmemory else "maxmemory unset (no limit yet)"
+    return (
+        f"Redis maxmemory-policy is {policy!r} ({limit}): under memory pressure Redis may silently "
+        "delete frame accounting counters, heartbeats or whole streams; set "
+        "maxmemory-policy noeviction (docs/reliability.md)"
+    )
+
+
+def event_fields(level: str, source: str, message: str) -> dict[Any, Any]:
+    """An operational event (``EVENTS_STREAM`` entry) that the viewer shows."""
+    return Event(level=level, source=source, message=message, at=time.time()).to_fields()
+
+
+def publish_event(client: redis.Redis, level: str, source: str, message: str) -> None:
+    """XADD an event, best effort: a failure is logged, never raised."""
+    try:
+        client.xadd(
+            C.EVENTS_STREAM, event_fields(level, source, message), maxlen=C.EVENTS_MAXLEN, approximate=True
+        )
+    except redis.RedisError as exc:
+        log.warning("could not publish event: %s", exc)
+
+
+def warn_if_evicting(client: redis.Redis, source: str) -> str | None:
+    """Check the server's eviction policy (at start); log a warning and publish an error event if it
+    may evict keys. Returns the warning. Best effort: a failed check is logged, never fatal."""
+    try:
+        info: Any = client.info("memory")
+    except redis.RedisError as exc:
+        log.warning("%s: could not check the Redis eviction policy: %s", source, exc)
+        return None
+    warning = eviction_warning(info)
+    if warning is not None:
+        log.warning("%s: %s", source, warning)
+        publish_event(client, "error", source, warning)
+    return warning

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from services.inference.models import ModelManager
 from services.inference.pipeline import FrameError, FrameOutput
 from services.inference.settings import InferenceSettings
-from services.inference.worker import Worker, jpeg_size, validate
+from services.inference.worker import Worker, validate
 from shared import constants as C
 from shared.accounting import Accounting, read_stats, unaccounted
 from shared.redis_server import RedisServer
-from shared.schema import MAX_MESSAGE_BYTES, Frame
+from shared.schema import MAX_MESSAGE_BYTES, Frame, jpeg_size
 from tests.faults_support import CORRUPTIONS, make_artifact, make_corrupt_artifact, redis_binaries
 
 CAM = "unitcam"

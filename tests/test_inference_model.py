@@ -41,7 +41,7 @@ def test_with_an_artifact_faces_get_class_probabilities(
     assert manager.check() is True
     assert manager.current is not None and manager.current.meta == meta
     outputs = pipeline.process([*_jpegs(eval_dir, 3), b"\xff\xd8garbage"], manager.current, None)
-    assert getattr(outputs[-1], "reason", "") == "undecodable JPEG"
+    assert getattr(outputs[-1], "reason", "") == "truncated JPEG: no end-of-image marker"
     faces = [f for out in outputs[:-1] for f in out.faces]  # type: ignore[union-attr]
     assert faces and all(f.label in meta.classes and set(f.probs) == set(meta.classes) for f in faces)
     assert manager.check() is False  # unchanged pointer: nothing reloaded

@@ -136,7 +136,7 @@ def test_mixed_sizes_in_one_batch_keep_their_own_results(
     pipeline = Pipeline(detectors[name], "cpu", device_route=device_route)
     batch = pipeline.process(frames, classifier, None)
     assert len(batch) == len(frames)
-    assert isinstance(batch[2], FrameError) and "undecodable" in batch[2].reason
+    assert isinstance(batch[2], FrameError) and "corrupt JPEG" in batch[2].reason
     good = [out for i, out in enumerate(batch) if i != 2]
     for out, size, jpeg in zip(good, MIXED, [f for i, f in enumerate(frames) if i != 2], strict=True):
         assert isinstance(out, FrameOutput)
@@ -174,8 +174,26 @@ def test_undecodable_frames_keep_their_place(
         out = pipeline.process([b"", good, b"\xff\xd8garbage", good], classifier, None)
         assert [type(o) for o in out] == [FrameError, FrameOutput, FrameError, FrameOutput]
         assert _same_faces(out[1], out[3])
-        assert pipeline.process([b"junk"], classifier, None) == [FrameError("undecodable JPEG")]
+        assert pipeline.process([b"junk"], classifier, None) == [
+            FrameError("corrupt JPEG: no start-of-image marker")
+        ]
         assert pipeline.process([], classifier, None) == []
+
+
+def test_a_decompression_bomb_is_refused_before_decoding_on_both_routes(
+    detectors: dict[str, FaceDetector], classifier: Classifier
+) -> None:
+    """A 700-byte JPEG declaring 8192x8192 cost a worker 3-7 s and 200 MB each: both routes now read
+    its frame header first and refuse it (issue 11, item 9)."""
+    good = build_clip(EVAL, 1, seed=5).jpegs[0]
+    data = bytearray(good)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (8192).to_bytes(2, "big") + (8192).to_bytes(2, "big")
+    for route in (False, True):
+        pipeline = Pipeline(detectors["torch-yunet"], "cpu", device_route=route)
+        out = pipeline.process([bytes(data), good], classifier, None)
+        assert isinstance(out[0], FrameError) and "absurd JPEG dimensions 8192x8192" in out[0].reason
+        assert isinstance(out[1], FrameOutput)
 
 
 def _same_faces(a: Any, b: Any) -> bool:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
+import cv2
 import msgpack
+import numpy as np
 import pytest
 
 from shared.schema import (
     FIELD,
+    MAX_FACES,
     MAX_MESSAGE_BYTES,
+    MAX_PIXELS,
     CameraInfo,
     Event,
     Face,
@@ -19,9 +25,28 @@ from shared.schema import (
     Result,
     SchemaError,
     Timestamps,
+    check_jpeg,
 )
 
-JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
+
+def real_jpeg(width: int = 640, height: int = 480) -> bytes:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (40, 120, 200)
+    ok, buf = cv2.imencode(".jpg", image)
+    assert ok
+    return buf.tobytes()
+
+
+def bomb(width: int, height: int) -> bytes:
+    """A real (tiny) JPEG whose frame header is rewritten to declare ``width`` x ``height``: what a
+    decoder allocates for, though the file is a few hundred bytes."""
+    data = bytearray(real_jpeg(64, 48))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+JPEG = real_jpeg()
 
 
 def make_result() -> Result:
@@ -112,3 +137,115 @@ def test_result_rejects_bad_faces() -> None:
     obj["faces"] = [{"box": [1, 2, 3], "landmarks": [], "score": 1.0, "label": "x", "probs": {}}]
     with pytest.raises(SchemaError, match="box needs 4"):
         Result.from_fields({FIELD: msgpack.packb(obj, use_bin_type=True)})
+
+
+# -- decompression bombs (issue 11, item 9) --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("declared", "header", "reason"),
+    [
+        ((640, 480), (30000, 30000), "absurd JPEG dimensions 30000x30000"),  # a bomb declared small
+        ((8192, 8192), (8192, 8192), "absurd dimensions 8192x8192"),  # over the pixel bound, honestly
+        ((640, 480), (8192, 8192), "absurd JPEG dimensions 8192x8192"),
+        ((640, 480), (641, 480), "declares 640x480 but its JPEG is 641x480"),
+    ],
+)
+def test_frames_whose_jpeg_is_a_bomb_or_lies_are_refused_before_decoding(
+    declared: tuple[int, int], header: tuple[int, int], reason: str
+) -> None:
+    data = bomb(*header)
+    assert len(data) < 1000
+    frame = Frame("cam-1", 3, 1.0, declared[0], declared[1], data)
+    with pytest.raises(SchemaError) as info:  # from the frame header: nothing was decoded
+        Frame.from_fields(frame.to_fields())
+    assert reason in info.value.reason
+
+
+def test_the_pixel_bound_is_one_constant_and_admits_capture_frames() -> None:
+    assert MAX_PIXELS == 4096 * 4096
+    assert check_jpeg(bomb(4096, 4096)) == (4096, 4096)
+    assert check_jpeg(bomb(8192, 2048)) == (8192, 2048)  # wide panoramas too, at the same cost
+    with pytest.raises(SchemaError, match="absurd JPEG dimensions 4097x4096"):
+        check_jpeg(bomb(4097, 4096))
+    assert check_jpeg(real_jpeg(1280, 720), 1280, 720) == (1280, 720)
+
+
+# -- non-finite numbers and wrong shapes (issue 11, item 10) ----------------------------------------
+def _result_obj(**face_changes: Any) -> dict[str, Any]:
+    obj = make_result().to_dict()
+    obj["faces"][0].update(face_changes)
+    return obj
+
+
+def _ts(**changes: Any) -> dict[str, Any]:
+    obj = make_result().to_dict()
+    obj["timestamps"].update(changes)
+    return obj
+
+
+INF, NAN = float("inf"), float("nan")
+LMS = [[1.0, 2.0]] * 5
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        (_result_obj(box=[INF, 0.0, 10.0, 10.0]), "box is not finite"),
+        (_result_obj(box=[0.0, 0.0, 1e300, 10.0]), "out of range"),
+        (_result_obj(box=[0.0, 0.0, -5.0, 10.0]), "negative size"),
+        (_result_obj(box=[0.0, 0.0, "10", 10.0]), "not a number"),
+        (_result_obj(box=[0.0, 0.0, True, 10.0]), "not a number"),
+        (_result_obj(landmarks=[{"x": 1, "y": 2}] * 5), "landmark must be a list of 2"),
+        (_result_obj(landmarks=[[1.0, 2.0, 3.0]] * 5), "landmark must be a list of 2"),
+        (_result_obj(landmarks=[[NAN, 2.0]] * 5), "landmark is not finite"),
+        (_result_obj(landmarks=LMS[:4]), "landmarks 5 points"),
+        (_result_obj(score=NAN), "not finite"),
+        (_result_obj(probs={"female": NAN}), "probability is not finite"),
+        (_result_obj(probs={"female": 7.0}), "out of range"),
+        (_result_obj(probs={"x" * 300: 0.5}), "class names"),
+        (_result_obj(label="x" * 1000), "longer than"),
+        (_ts(captured=NAN), "timestamp 'captured' is not finite"),
+        (_ts(published=INF), "timestamp 'published' is not finite"),
+        (_ts(read="1.5"), "not a number"),
+        ({**make_result().to_dict(), "timestamps": {"captured": 1.0}}, "timestamps lack"),
+        ({**make_result().to_dict(), "model": {"name": {"a": 1}, "version": "v1"}}, "'name' has type dict"),
+        ({**make_result().to_dict(), "seq": -3}, "negative seq"),
+        (
+            {**make_result().to_dict(), "faces": [make_result().to_dict()["faces"][0]] * (MAX_FACES + 1)},
+            "exceeds",
+        ),
+    ],
+)
+def test_results_with_non_finite_numbers_or_wrong_shapes_are_refused(
+    obj: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(SchemaError) as info:
+        Result.from_fields({FIELD: msgpack.packb(obj, use_bin_type=True)})
+    assert reason in info.value.reason
+
+
+def test_every_number_a_result_carries_is_finite() -> None:
+    back = Result.from_fields(make_result().to_fields())
+    numbers = [*back.timestamps.stages_ms().values()]
+    for face in back.faces:
+        numbers += [*face.box, face.score, *face.probs.values(), *(v for p in face.landmarks for v in p)]
+    assert numbers and all(math.isfinite(v) for v in numbers)
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "value"),
+    [
+        (CameraInfo("cam-1", "video.mp4", 15.0, "live", 1.0, 2.0), "fps", float("nan")),
+        (CameraInfo("cam-1", "video.mp4", 15.0, "live", 1.0, 2.0), "updated_at", float("inf")),
+        (Event("error", "worker-1", "x", 4.0), "at", float("nan")),
+        (ModelEvent("gendernet", "v2", "gendernet-v2", 3.0), "at", float("-inf")),
+    ],
+)
+def test_other_messages_refuse_non_finite_numbers(message: Any, field: str, value: float) -> None:
+    obj = message.to_dict()
+    obj[field] = value
+    packed = msgpack.packb(obj, use_bin_type=True)
+    with pytest.raises(SchemaError, match="not finite"):
+        if isinstance(message, CameraInfo):
+            CameraInfo.unpack(packed)
+        else:
+            type(message).from_fields({FIELD: packed})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -125,3 +126,48 @@ def test_autoclaim_returns_live_entries_and_moves_the_cursor(client: redis.Redis
     assert not second.deleted and not second.deleted_pending
     # Not idle long enough: nothing is taken.
     assert autoclaim(client, STREAM, C.INFERENCE_GROUP, "other", 60_000).entries == []
+
+
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def test_an_exhausted_stream_is_recreated_and_what_was_in_flight_counted_evicted(client: redis.Redis) -> None:
+    """An entry with the largest possible id (written by anyone) made every later XADD fail for good.
+    The publish script re-creates the stream and its group and counts the frames that were in flight
+    (undelivered or pending: none can be settled any more) as evicted; the equation stays exact."""
+    ensure_group(client, STREAM, C.INFERENCE_GROUP)
+    acc = Accounting(client)
+    ids = _publish(acc, 5, maxlen=100)
+    client.xreadgroup(C.INFERENCE_GROUP, "w", {STREAM: ">"}, count=2)  # two pending
+    assert _settle_all(acc, client, ids[:1], C.STAT_PROCESSED) == [1]
+    client.xadd(STREAM, {b"m": b"hostile"}, id=MAX_ID)
+    with pytest.raises(redis.ResponseError, match="exhausted the last possible ID"):
+        client.xadd(STREAM, {b"m": b"plain"})
+    published = acc.publish(CAM, {b"m": b"after"}, 100)
+    assert published.reset_lost == 4  # 5 published - 1 processed; the hostile entry was never published
+    assert client.xlen(STREAM) == 1
+    groups: Any = client.xinfo_groups(STREAM)
+    assert [g["name"] for g in groups] == [C.INFERENCE_GROUP.encode()]
+    # The worker that held ids[1] settles it late: nothing is counted twice.
+    assert _settle_all(acc, client, [ids[1]], C.STAT_PROCESSED) == [0]
+    reply = client.xreadgroup(C.INFERENCE_GROUP, "w", {STREAM: ">"}, count=10)
+    assert [e[0] for e in reply[0][1]] == [published.entry_id]
+    assert _settle_all(acc, client, [published.entry_id], C.STAT_PROCESSED) == [1]
+    stats = read_stats(client, CAM)
+    assert (stats[C.STAT_PUBLISHED], stats[C.STAT_PROCESSED], stats[C.STAT_EVICTED]) == (6, 2, 4)
+    assert unaccounted(stats) == 0
+    assert acc.publish(CAM, {b"m": b"next"}, 100).reset_lost is None
+
+
+def test_settle_writes_to_an_exhausted_output_stream_afresh(client: redis.Redis) -> None:
+    ensure_group(client, STREAM, C.INFERENCE_GROUP)
+    acc = Accounting(client)
+    (entry_id,) = _publish(acc, 1, maxlen=10)
+    client.xreadgroup(C.INFERENCE_GROUP, "w", {STREAM: ">"}, count=1)
+    results = C.results_stream(CAM)
+    client.xadd(results, {b"m": b"hostile"}, id=MAX_ID)
+    pipe = client.pipeline(transaction=False)
+    acc.settle(pipe, STREAM, CAM, entry_id, C.STAT_PROCESSED, results, {b"m": b"r"}, 100)
+    assert pipe.execute() == [1]
+    assert [f for _, f in client.xrange(results)] == [{b"m": b"r"}]
+    assert read_stats(client, CAM)[C.STAT_PROCESSED] == 1

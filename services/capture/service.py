@@ -17,6 +17,7 @@ re-creates the consumer group, which a restarted Redis has lost.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,8 +30,8 @@ from services.capture.settings import CaptureSettings
 from services.capture.sources import FrameSource, SourceError, SourceOptions, SourceSpec, open_source
 from shared import constants as C
 from shared.accounting import Accounting
-from shared.schema import CameraInfo, Frame
-from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group
+from shared.schema import MAX_DIMENSION, MAX_PIXELS, CameraInfo, Frame
+from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group, publish_event, warn_if_evicting
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,16 @@ class CaptureService:
 
     def _encode(self, image: cv2.typing.MatLike, seq: int) -> Frame | None:
         height, width = image.shape[:2]
-        if width > self.settings.max_width:
-            scale = self.settings.max_width / width
-            image = cv2.resize(
-                image, (self.settings.max_width, round(height * scale)), interpolation=cv2.INTER_AREA
-            )
+        # Within max_width, and within what every reader agrees to decode (a frame over the schema's
+        # pixel bound would be refused by every worker and viewer).
+        scale = min(
+            self.settings.max_width / width, MAX_DIMENSION / height, math.sqrt(MAX_PIXELS / (width * height))
+        )
+        if scale < 1:
+            size = (round(width * scale), round(height * scale))
+            if size[0] * size[1] > MAX_PIXELS or size[1] > MAX_DIMENSION:  # rounded up past a bound
+                size = (math.floor(width * scale), math.floor(height * scale))
+            image = cv2.resize(image, (max(1, size[0]), max(1, size[1])), interpolation=cv2.INTER_AREA)
             height, width = image.shape[:2]
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
         if not ok:
@@ -217,6 +223,7 @@ class CaptureService:
     def _publish_loop(self) -> None:
         backoff = Backoff(cap_s=5.0)
         registered = False
+        policy_checked = False
         last_beat = 0.0
         while True:
             try:
@@ -236,6 +243,9 @@ class CaptureService:
                     self._status_dirty.clear()
                     self._register()
                     registered, last_beat = True, now
+                    if not policy_checked:
+                        policy_checked = True
+                        warn_if_evicting(self._client, f"capture {self.camera_id}")
                 if frame is not None:
                     self._publish(frame)
                 backoff.reset()
@@ -270,3 +280,13 @@ class CaptureService:
         FRAMES_PUBLISHED.labels(self.camera_id).inc()
         if published.evicted:
             FRAMES_EVICTED.labels(self.camera_id).inc(published.evicted)
+        if published.reset_lost is not None:
+            # Someone wrote an entry with the largest possible id: the publish script re-created the
+            # stream and its group, and counted the frames still in flight as evicted.
+            FRAMES_EVICTED.labels(self.camera_id).inc(published.reset_lost)
+            message = (
+                f"camera {self.camera_id}: {self.stream} had exhausted its last possible id; re-created, "
+                f"{published.reset_lost} frames in flight counted evicted"
+            )
+            log.error("%s", message)
+            publish_event(self._client, "error", f"capture {self.camera_id}", message)

@@ -35,7 +35,7 @@ import torch
 from shared.detectors import Detections, DetectorConfig, FaceDetector, create, register
 from shared.models.artifact import UNKNOWN, Classifier, label_for
 from shared.preprocess import align_faces, stack_frames
-from shared.schema import Face
+from shared.schema import Face, SchemaError, check_jpeg
 
 #: Stage names in :class:`StageStats`, in pipeline order.
 STAGES: tuple[str, ...] = ("decode", "detect", "crop", "classify")
@@ -135,7 +135,12 @@ class TensorDetector(Protocol):
 
 
 def decode_jpeg(data: bytes) -> npt.NDArray[np.uint8]:
-    """JPEG bytes -> BGR image; raises DecodeError on anything that is not a decodable image."""
+    """JPEG bytes -> BGR image; raises DecodeError on anything that is not a decodable image, or
+    that declares more pixels than ``shared.schema.MAX_PIXELS`` (checked before decoding)."""
+    try:
+        check_jpeg(data)
+    except SchemaError as exc:
+        raise DecodeError(exc.reason) from None
     buf = np.frombuffer(data, dtype=np.uint8)
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None or image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
@@ -145,14 +150,23 @@ def decode_jpeg(data: bytes) -> npt.NDArray[np.uint8]:
 
 def decode_jpegs_on_device(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | DecodeError]:
     """JPEG bytes -> RGB uint8 [3, H, W] tensors decoded on ``device`` (nvjpeg on CUDA, in one call for
-    the whole list); an undecodable frame gives a DecodeError in its place instead of failing the batch."""
+    the whole list); an undecodable frame, or one over the pixel bound (``check_jpeg``, before any
+    decoding), gives a DecodeError in its place instead of failing the batch."""
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as tv_decode
 
+    refused: dict[int, DecodeError] = {}
+    for i, jpeg in enumerate(jpegs):
+        try:
+            check_jpeg(jpeg)
+        except SchemaError as exc:
+            refused[i] = DecodeError(exc.reason)
     # The input tensors must be on the CPU whatever the device; copy (bytes are read-only buffers).
     datas = [torch.from_numpy(np.frombuffer(j, dtype=np.uint8).copy()) for j in jpegs]
 
-    def one(data: torch.Tensor) -> torch.Tensor | DecodeError:
+    def one(i: int, data: torch.Tensor) -> torch.Tensor | DecodeError:
+        if i in refused:
+            return refused[i]
         if data.numel() < 4:
             return DecodeError("undecodable JPEG")
         try:
@@ -169,12 +183,12 @@ def decode_jpegs_on_device(jpegs: Sequence[bytes], device: torch.device) -> list
         # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec; they still work.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        if device.type == "cuda" and all(d.numel() >= 4 for d in datas):
+        if device.type == "cuda" and not refused and all(d.numel() >= 4 for d in datas):
             try:
                 return list(tv_decode(datas, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 pass  # one bad frame fails the batched call: find it frame by frame below
-        return [one(d) for d in datas]
+        return [one(i, d) for i, d in enumerate(datas)]
 
 
 def size_groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:

@@ -28,7 +28,10 @@ class InferenceSettings(ModelPathsMixin, CommonSettings):
     )
     block_ms: int = Field(500, ge=1, le=10_000, description="XREADGROUP BLOCK time when idle.")
     staleness_ms: int = Field(
-        500, ge=1, description="Frames older than this when read are dropped (counted)."
+        500,
+        ge=1,
+        description="Frames older than this when read, or when their batch is done, are dropped "
+        "(counted dropped_stale; at publish also dropped_stale_publish).",
     )
     claim_idle_ms: int = Field(
         5000, ge=100, description="Pending entries idle this long are claimed from dead workers."

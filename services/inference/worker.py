@@ -12,14 +12,22 @@ groups re-created. SIGTERM stops reading, finishes the batch in hand, acks it, l
 exits 0.
 
 Validation is cheap and comes first: a message that is not a well-formed frame (not msgpack, wrong
-schema version, too big, absurd or inconsistent dimensions, a truncated or corrupt JPEG) is dead-lettered
-with the reason before anything decodes its pixels, whatever its age.
+schema version, too big, absurd or inconsistent dimensions, a truncated or corrupt JPEG, more pixels than
+``shared.schema.MAX_PIXELS``) is dead-lettered with the reason, its size and a hash (never its pixels)
+before anything decodes it, whatever its age. A result that is ready but already older than the
+staleness budget is dropped too (counted ``dropped_stale``, and ``dropped_stale_publish`` beside it):
+nobody would see it in time.
+
+One camera's bad state stays that camera's problem: an error that belongs to one stream (a key of the
+wrong type where its frames stream belongs, say) sets that stream aside (``shared.streams.Quarantine``,
+retried on its own backoff, reported once as an event and on ``genderlens_worker_camera_isolated``)
+while every other camera keeps flowing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import struct
 import threading
 import time
 from collections import defaultdict
@@ -36,18 +44,19 @@ from services.inference.pipeline import FrameError, FrameOutput, Pipeline
 from services.inference.settings import InferenceSettings
 from shared import constants as C
 from shared.accounting import Accounting
-from shared.schema import (
-    FIELD,
-    MAX_DIMENSION,
-    MAX_MESSAGE_BYTES,
-    Event,
-    Frame,
-    ModelRef,
-    Result,
-    SchemaError,
-    Timestamps,
+from shared.schema import FIELD, MAX_FACES, Face, Frame, ModelRef, Result, SchemaError, Timestamps
+from shared.streams import (
+    REDIS_DOWN_ERRORS,
+    Backoff,
+    Quarantine,
+    autoclaim,
+    connect,
+    ensure_group,
+    is_key_error,
+    publish_event,
+    stream_id_age_ms,
+    warn_if_evicting,
 )
-from shared.streams import REDIS_DOWN_ERRORS, Backoff, autoclaim, connect, ensure_group, stream_id_age_ms
 
 log = logging.getLogger(__name__)
 
@@ -72,50 +81,26 @@ REDIS_RETRIES = Counter("genderlens_worker_redis_retries_total", "Backoff waits 
 LOST_RACES = Counter(
     "genderlens_worker_already_settled_total", "Entries another worker settled first (not counted again)"
 )
-
-#: JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT C4, JPG C8, DAC CC).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-#: Markers without a length field.
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's frame header, without decoding; raises ValueError with a reason.
-
-    Checked before decoding so that a decompression bomb (a tiny file declaring 60000x60000) or a
-    truncated upload never reaches the decoder, which would allocate for it or quietly return a
-    half-grey image."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8":
-        raise ValueError("corrupt JPEG: no start-of-image marker")
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise ValueError("truncated JPEG: no end-of-image marker")
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            raise ValueError(f"corrupt JPEG: no marker at byte {pos}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):
-            raise ValueError("corrupt JPEG: scan data before any frame header")
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
-            raise ValueError(f"corrupt JPEG: segment length {length}")
-        if marker in _SOF_MARKERS:
-            if pos + 9 > len(data):
-                raise ValueError("truncated JPEG: frame header cut short")
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return int(width), int(height)
-        pos += 2 + length
-    raise ValueError("corrupt JPEG: no frame header")
+STALE_AT_PUBLISH = Counter(
+    "genderlens_worker_dropped_stale_publish_total",
+    "Results ready but older than the staleness budget, dropped (a part of outcome=dropped_stale)",
+    ["camera"],
+)
+CAMERA_ERRORS = Counter(
+    "genderlens_worker_camera_errors_total", "Errors of one camera's own keys (wrong type...)", ["camera"]
+)
+ISOLATED = Gauge(
+    "genderlens_worker_camera_isolated",
+    "1 while a camera's stream is set aside after such an error",
+    ["camera"],
+)
 
 
 def validate(fields: dict[bytes, bytes], camera_id: str) -> Frame | str:
-    """The frame in a stream entry, or the reason it must be dead-lettered. Never raises."""
+    """The frame in a stream entry, or the reason it must be dead-lettered. Never raises.
+
+    ``Frame.from_fields`` checks the JPEG's markers and frame header (``shared.schema.check_jpeg``:
+    within the pixel bound, equal to the declared size) without decoding it."""
     try:
         frame = Frame.from_fields(fields)
     except SchemaError as exc:
@@ -124,15 +109,16 @@ def validate(fields: dict[bytes, bytes], camera_id: str) -> Frame | str:
         return f"frame: unreadable ({type(exc).__name__})"
     if frame.camera_id != camera_id:
         return f"camera_id {frame.camera_id!r} on {camera_id}'s stream"
-    try:
-        width, height = jpeg_size(frame.jpeg)
-    except ValueError as exc:
-        return str(exc)
-    if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
-        return f"absurd JPEG dimensions {width}x{height}"
-    if (width, height) != (frame.width, frame.height):
-        return f"frame declares {frame.width}x{frame.height} but its JPEG is {width}x{height}"
     return frame
+
+
+def strongest_faces(faces: tuple[Face, ...]) -> tuple[Face, ...]:
+    """At most ``MAX_FACES`` faces (the highest scores, in their original order): a result must pass
+    the schema that its readers apply."""
+    if len(faces) <= MAX_FACES:
+        return faces
+    keep = set(sorted(range(len(faces)), key=lambda i: faces[i].score, reverse=True)[:MAX_FACES])
+    return tuple(f for i, f in enumerate(faces) if i in keep)
 
 
 @dataclass
@@ -170,6 +156,9 @@ class Worker:
         # pointer file read at start-up). Taken from Redis, not our clock, which may differ from its.
         self._model_events_id: bytes | None = None
         self._claim_cursor: dict[str, bytes] = {}
+        # Streams set aside after an error of their own (see the module doc), each on its own backoff.
+        self._quarantine = Quarantine(base_s=1.0, cap_s=60.0)
+        self._policy_checked = False
         self.counts: dict[str, int] = defaultdict(int)
         self._health = Path(settings.health_file) if settings.health_file else None
 
@@ -207,9 +196,13 @@ class Worker:
         self._streams.clear()
         self._claim_cursor.clear()
         self._next_cameras = 0.0
+        self._policy_checked = False  # a restarted Redis may run with another configuration
 
     def _step(self) -> None:
         now = time.monotonic()
+        if not self._policy_checked:
+            self._policy_checked = True
+            warn_if_evicting(self.client, f"worker {self.name}")
         if now >= self._next_cameras or not self._streams:
             self._refresh_cameras()
             self._heartbeat()
@@ -268,19 +261,83 @@ class Worker:
             if not C.is_valid_camera_id(camera_id):
                 continue
             stream = C.frames_stream(camera_id)
-            if stream not in self._streams:
+            if stream in self._streams or self._quarantine.blocked(stream):
+                continue
+            try:
                 ensure_group(self.client, stream, C.INFERENCE_GROUP)
-                self._streams[stream] = camera_id
-                log.info("consuming %s", stream)
+            except ResponseError as exc:
+                self._stream_error(stream, camera_id, exc)
+                continue
+            self._streams[stream] = camera_id
+            log.info("consuming %s", stream)
+            if self._quarantine.clear(stream):
+                ISOLATED.labels(camera_id).set(0)
+                self._report("info", f"camera {camera_id}: {stream} is usable again; consuming it")
+
+    # -- one camera's errors -----------------------------------------------------------------------
+    def _stream_error(self, stream: str, camera_id: str, exc: ResponseError) -> None:
+        """An error from a command on one stream: a missing group is re-created; an error of the key
+        itself (``is_key_error``) sets the stream aside; anything else is not this camera's alone."""
+        if "NOGROUP" in str(exc):
+            try:
+                ensure_group(self.client, stream, C.INFERENCE_GROUP)
+                log.warning("consumer group missing on %s (Redis restarted?); re-created", stream)
+                return
+            except ResponseError as again:
+                exc = again
+        if not is_key_error(exc):
+            raise exc
+        self._isolate(stream, camera_id, exc)
+
+    def _isolate(self, stream: str, camera_id: str, exc: BaseException) -> None:
+        """Stop reading ``stream`` until its backoff expires; report it once."""
+        self._streams.pop(stream, None)
+        self._claim_cursor.pop(stream, None)
+        CAMERA_ERRORS.labels(camera_id).inc()
+        ISOLATED.labels(camera_id).set(1)
+        first = self._quarantine.add(stream)
+        retry_s = self._quarantine.retry_in(stream)
+        if first:
+            self._report(
+                "error",
+                f"camera {camera_id}: {stream} is unusable ({str(exc)[:200]}); set aside, other cameras "
+                f"carry on; retrying with backoff (next in {retry_s:.0f}s)",
+            )
+        else:
+            log.warning(
+                "camera %s: %s still unusable (%s); next retry in %.0fs", camera_id, stream, exc, retry_s
+            )
+
+    def _report(self, level: str, message: str) -> None:
+        log.log(logging.ERROR if level == "error" else logging.INFO, "%s", message)
+        self.publish_event(level, message)
+
+    def _check_streams(self) -> None:
+        """After a multi-stream command failed: find the stream(s) to blame, one command each."""
+        for stream, camera_id in list(self._streams.items()):
+            try:
+                ensure_group(self.client, stream, C.INFERENCE_GROUP)
+            except ResponseError as exc:
+                self._stream_error(stream, camera_id, exc)
 
     def _read(self, count: int, block_ms: int) -> list[Entry]:
-        reply: Any = self.client.xreadgroup(
-            C.INFERENCE_GROUP,
-            self.name,
-            dict.fromkeys(self._streams, ">"),
-            count=count,
-            block=block_ms,
-        )
+        if not self._streams:
+            return []
+        try:
+            reply: Any = self.client.xreadgroup(
+                C.INFERENCE_GROUP,
+                self.name,
+                dict.fromkeys(self._streams, ">"),
+                count=count,
+                block=block_ms,
+            )
+        except ResponseError as exc:
+            # One stream's problem (a wrong type, a lost group) fails the read of all: find it, set
+            # it aside or repair it, and read the others at the next step.
+            if not (is_key_error(exc) or "NOGROUP" in str(exc)):
+                raise
+            self._check_streams()
+            return []
         entries: list[Entry] = []
         for stream_raw, items in reply or []:
             stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
@@ -292,28 +349,36 @@ class Worker:
         """Take over entries idle longer than claim_idle_ms (their worker died or hung)."""
         claimed: list[Entry] = []
         for stream, camera_id in list(self._streams.items()):
-            start = self._claim_cursor.get(stream, b"0-0")
-            result = autoclaim(
-                self.client,
-                stream,
-                C.INFERENCE_GROUP,
-                self.name,
-                self.settings.claim_idle_ms,
-                start,
-                count=64,
-            )
-            self._claim_cursor[stream] = result.next_id
-            if result.deleted or result.deleted_pending:
-                self._evict_trimmed(stream, camera_id, result.deleted, result.deleted_pending)
-            if not result.entries:
-                continue
-            CLAIMED.labels(camera_id).inc(len(result.entries))
-            deliveries = self._delivery_counts(stream, [e[0] for e in result.entries])
-            for entry_id, fields in result.entries:
-                claimed.append(Entry(stream, camera_id, entry_id, fields, deliveries.get(entry_id, 1)))
+            try:
+                claimed.extend(self._claim_stream(stream, camera_id))
+            except ResponseError as exc:
+                self._stream_error(stream, camera_id, exc)
         if claimed:
             log.info("claimed %d pending entries from dead or slow workers", len(claimed))
         return claimed
+
+    def _claim_stream(self, stream: str, camera_id: str) -> list[Entry]:
+        start = self._claim_cursor.get(stream, b"0-0")
+        result = autoclaim(
+            self.client,
+            stream,
+            C.INFERENCE_GROUP,
+            self.name,
+            self.settings.claim_idle_ms,
+            start,
+            count=64,
+        )
+        self._claim_cursor[stream] = result.next_id
+        if result.deleted or result.deleted_pending:
+            self._evict_trimmed(stream, camera_id, result.deleted, result.deleted_pending)
+        if not result.entries:
+            return []
+        CLAIMED.labels(camera_id).inc(len(result.entries))
+        deliveries = self._delivery_counts(stream, [e[0] for e in result.entries])
+        return [
+            Entry(stream, camera_id, entry_id, fields, deliveries.get(entry_id, 1))
+            for entry_id, fields in result.entries
+        ]
 
     def _evict_trimmed(
         self, stream: str, camera_id: str, deleted: list[bytes], deleted_pending: list[bytes]
@@ -372,42 +437,77 @@ class Worker:
             BATCH.observe(len(good))
             outputs = self._process(good, classifier)
             model = ModelRef(classifier.meta.name, classifier.meta.version) if classifier else None
+            done_at = time.time()
             for (entry, frame), out in zip(good, outputs, strict=True):
                 if isinstance(out, FrameError):
                     settles.append((entry, self._dead_letter(pipe, entry, out.reason or "unprocessable")))
-                    continue
-                STAGE.labels("detect").observe(out.detected_at - read_at)
-                STAGE.labels("classify").observe(out.classified_at - out.detected_at)
-                published = time.time()
-                result = Result(
-                    camera_id=frame.camera_id,
-                    seq=frame.seq,
-                    frame_id=entry.entry_id.decode(),
-                    width=out.width,
-                    height=out.height,
-                    timestamps=Timestamps(
-                        frame.captured_at, read_at, out.detected_at, out.classified_at, published
-                    ),
-                    model=model,
-                    worker=self.name,
-                    faces=out.faces,
-                )
-                self.accounting.settle(
-                    pipe,
-                    entry.stream,
-                    entry.camera_id,
-                    entry.entry_id,
-                    C.STAT_PROCESSED,
-                    output=C.results_stream(frame.camera_id),
-                    output_fields=result.to_fields(),
-                    output_maxlen=self.settings.results_maxlen,
-                )
-                settles.append((entry, C.STAT_PROCESSED))
-                FACES.labels(frame.camera_id).inc(len(out.faces))
-                LATENCY.observe(published - frame.captured_at)
-        replies = pipe.execute()
+                elif stream_id_age_ms(entry.entry_id, done_at) > self.settings.staleness_ms:
+                    # Ready, but too late to be shown as live: the budget holds at publish too, so a
+                    # slow batch never puts an old picture on the wall.
+                    self.accounting.settle(
+                        pipe,
+                        entry.stream,
+                        entry.camera_id,
+                        entry.entry_id,
+                        C.STAT_DROPPED_STALE,
+                        also=C.STAT_DROPPED_STALE_PUBLISH,
+                    )
+                    settles.append((entry, C.STAT_DROPPED_STALE_PUBLISH))
+                else:
+                    settles.append((entry, self._publish_result(pipe, entry, frame, out, model, read_at)))
+        self._count_settled(settles, pipe.execute(raise_on_error=False))
+
+    def _publish_result(
+        self, pipe: Any, entry: Entry, frame: Frame, out: FrameOutput, model: ModelRef | None, read_at: float
+    ) -> str:
+        """Queue the settle that publishes ``out`` as the frame's result; returns the outcome."""
+        STAGE.labels("detect").observe(out.detected_at - read_at)
+        STAGE.labels("classify").observe(out.classified_at - out.detected_at)
+        published = time.time()
+        result = Result(
+            camera_id=frame.camera_id,
+            seq=frame.seq,
+            frame_id=entry.entry_id.decode(),
+            width=out.width,
+            height=out.height,
+            timestamps=Timestamps(frame.captured_at, read_at, out.detected_at, out.classified_at, published),
+            model=model,
+            worker=self.name,
+            faces=strongest_faces(out.faces),
+        )
+        fields = result.to_fields()
+        try:
+            # What readers will apply: never publish a result they must refuse (a NaN from a model).
+            Result.from_fields(fields)
+        except SchemaError as exc:
+            return self._dead_letter(pipe, entry, f"result refused by the schema: {exc.reason}")
+        self.accounting.settle(
+            pipe,
+            entry.stream,
+            entry.camera_id,
+            entry.entry_id,
+            C.STAT_PROCESSED,
+            output=C.results_stream(frame.camera_id),
+            output_fields=fields,
+            output_maxlen=self.settings.results_maxlen,
+        )
+        FACES.labels(frame.camera_id).inc(len(result.faces))
+        LATENCY.observe(published - frame.captured_at)
+        return C.STAT_PROCESSED
+
+    def _count_settled(self, settles: list[tuple[Entry, str]], replies: list[Any]) -> None:
+        """Local counters and metrics from the settle replies: 1 settled here, 0 settled by another
+        worker first, an error for an entry whose keys are broken (its camera is set aside)."""
         for (entry, stat), settled in zip(settles, replies, strict=True):
-            if settled:
+            if isinstance(settled, Exception):
+                log.warning("could not settle %s %s: %s", entry.stream, entry.entry_id.decode(), settled)
+                if is_key_error(settled) and entry.stream in self._streams:
+                    self._isolate(entry.stream, entry.camera_id, settled)
+            elif settled:
+                if stat == C.STAT_DROPPED_STALE_PUBLISH:
+                    STALE_AT_PUBLISH.labels(entry.camera_id).inc()
+                    self.counts[stat] += 1
+                    stat = C.STAT_DROPPED_STALE
                 FRAMES.labels(entry.camera_id, stat).inc()
                 self.counts[stat] += 1
             else:
@@ -432,8 +532,13 @@ class Worker:
         return outputs
 
     def _dead_letter(self, pipe: Any, entry: Entry, reason: str) -> str:
+        """Queue the settle that dead-letters ``entry``. The record says why, how big the entry was and
+        the SHA-256 of its message, never the message itself: dead letters of multi-megabyte frames
+        would otherwise fill Redis (60 bad 4 MB frames held 252 MB; the cap of 10,000 allowed 80 GiB),
+        and a hash is enough to match a record with what a producer sent."""
         log.warning("dead-lettering %s %s: %s", entry.stream, entry.entry_id.decode(), reason)
         raw = entry.fields.get(FIELD, b"")
+        message = raw if isinstance(raw, bytes) else b""
         record = {
             "stream": entry.stream,
             "camera": entry.camera_id,
@@ -442,8 +547,8 @@ class Worker:
             "deliveries": entry.deliveries,
             "worker": self.name,
             "at": str(time.time()),
-            # keep the payload for inspection unless it is itself the problem (too big)
-            "payload": raw if isinstance(raw, bytes) and len(raw) <= MAX_MESSAGE_BYTES else b"",
+            "size": sum(len(k) + len(v) for k, v in entry.fields.items()),
+            "sha256": hashlib.sha256(message).hexdigest(),
         }
         self.accounting.settle(
             pipe,
@@ -490,15 +595,18 @@ class Worker:
         try:
             self.client.delete(C.worker_key(self.name))
             for stream in self._streams:
-                rows: Any = self.client.xpending_range(
-                    stream, C.INFERENCE_GROUP, "-", "+", 1, consumername=self.name
-                )
-                # DELCONSUMER would silently drop our pending entries; with some left (a failed ack
-                # during an outage), stay a member so that another worker claims them.
-                if not rows:
-                    self.client.xgroup_delconsumer(stream, C.INFERENCE_GROUP, self.name)
-                else:
-                    log.warning("leaving %s with pending entries: another worker will claim them", stream)
+                try:
+                    rows: Any = self.client.xpending_range(
+                        stream, C.INFERENCE_GROUP, "-", "+", 1, consumername=self.name
+                    )
+                    # DELCONSUMER would silently drop our pending entries; with some left (a failed
+                    # ack during an outage), stay a member so that another worker claims them.
+                    if not rows:
+                        self.client.xgroup_delconsumer(stream, C.INFERENCE_GROUP, self.name)
+                    else:
+                        log.warning("leaving %s with pending entries: another worker will claim them", stream)
+                except ResponseError as exc:  # this stream's own problem: leave the others cleanly
+                    log.warning("could not leave the group on %s: %s", stream, exc)
         except redis.RedisError as exc:
             log.warning("could not leave the consumer group cleanly: %s", exc)
         finally:
@@ -512,12 +620,4 @@ class Worker:
                 log.warning("cannot touch health file %s: %s", self._health, exc)
 
     def publish_event(self, level: str, message: str) -> None:
-        try:
-            self.client.xadd(
-                C.EVENTS_STREAM,
-                Event(level=level, source=self.name, message=message, at=time.time()).to_fields(),
-                maxlen=C.EVENTS_MAXLEN,
-                approximate=True,
-            )
-        except redis.RedisError as exc:
-            log.warning("could not publish event: %s", exc)
+        publish_event(self.client, level, self.name, message)

@@ -117,6 +117,8 @@ class Renderer:
         self.state = state
         self._cache: dict[tuple[str, bool], tuple[tuple[Any, ...], bytes]] = {}
         self._locks: dict[tuple[str, bool], asyncio.Lock] = {}
+        #: slot -> key whose rendering failed (its cache entry holds the previous picture)
+        self._skipped: dict[tuple[str, bool], tuple[Any, ...]] = {}
 
     def choose(self, view: CameraView, blur: bool) -> tuple[tuple[Any, ...], Any]:
         """(key, how to render). Same key = same picture, so it is not rendered or sent twice."""
@@ -151,34 +153,56 @@ class Renderer:
             jpeg, (), hud, blur=blur, blur_all=blur, quality=quality
         )
 
+    def _hit(self, slot: tuple[str, bool], key: tuple[Any, ...]) -> tuple[tuple[Any, ...], bytes] | None:
+        cached = self._cache.get(slot)
+        if cached is None or cached[0] != key:
+            return None
+        # A frame that failed to render is reported as skipped (its picture is the previous one).
+        return (("skipped", *key), cached[1]) if self._skipped.get(slot) == key else cached
+
     async def current(self, view: CameraView, blur: bool) -> tuple[tuple[Any, ...], bytes]:
         key, render = self.choose(view, blur)
         slot = (view.camera_id, blur)
-        cached = self._cache.get(slot)
-        if cached is not None and cached[0] == key:
-            return cached
+        hit = self._hit(slot, key)
+        if hit is not None:
+            return hit
         lock = self._locks.setdefault(slot, asyncio.Lock())
         async with lock:
-            cached = self._cache.get(slot)
-            if cached is not None and cached[0] == key:
-                return cached
+            hit = self._hit(slot, key)
+            if hit is not None:
+                return hit
             started = time.perf_counter()
             try:
                 jpeg = await asyncio.to_thread(render)
-            except ValueError as exc:  # an undecodable frame: show that, do not break the stream
-                log.warning("camera %s: cannot render frame: %s", view.camera_id, exc)
-                jpeg = placeholder("BAD FRAME", f"{view.camera_id}: undecodable JPEG")
+                self._skipped.pop(slot, None)
+            except Exception as exc:
+                # Whatever one frame does to the decoder or the drawing code (an undecodable JPEG, a
+                # number C cannot take), it is skipped and counted: the previous picture stays, the
+                # stream goes on and a snapshot still answers.
+                M.RENDER_ERRORS.labels(view.camera_id).inc()
+                log.warning(
+                    "camera %s: frame skipped, cannot render it: %s: %s",
+                    view.camera_id,
+                    type(exc).__name__,
+                    exc,
+                )
+                previous = self._cache.get(slot)
+                jpeg = (
+                    previous[1] if previous else placeholder("BAD FRAME", f"{view.camera_id}: frame skipped")
+                )
+                self._skipped[slot] = key
             M.RENDER.observe(time.perf_counter() - started)
             self._cache[slot] = (key, jpeg)
             # Cameras that left the registry (not through DELETE) must not pin their last picture.
             for gone in [c for c, _ in self._cache if c not in self.state.cameras]:
                 self.forget(gone)
-            return key, jpeg
+            return self._hit(slot, key) or (key, jpeg)
 
     def forget(self, camera_id: str) -> None:
         for blur in (False, True):
             self._cache.pop((camera_id, blur), None)
             self._locks.pop((camera_id, blur), None)
+            self._skipped.pop((camera_id, blur), None)
 
 
 def _part(jpeg: bytes) -> bytes:
@@ -557,15 +581,19 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             pipe.hgetall(C.stats_key(camera_id))
             pipe.xpending(C.frames_stream(camera_id), C.INFERENCE_GROUP)
         replies: list[Any] = await pipe.execute(raise_on_error=False) if ids else []
-        cameras: dict[str, dict[str, int]] = {}
+        cameras: dict[str, dict[str, Any]] = {}
         for i, camera_id in enumerate(ids):
             counters, pending = replies[2 * i], replies[2 * i + 1]
-            if isinstance(counters, Exception):
+            # dropped_stale_publish: the part of dropped_stale whose result was ready but too old.
+            row: dict[str, Any] = {f: 0 for f in (*C.STAT_FIELDS, *C.STAT_EXTRA_FIELDS)}
+            if isinstance(counters, ResponseError):  # this camera's key is broken, not the others'
+                row["error"] = str(counters)[:200]
+                counters = {}
+            elif isinstance(counters, Exception):
                 raise counters
-            row = {f: 0 for f in C.STAT_FIELDS}
             for k, v in (counters or {}).items():
                 name = k.decode() if isinstance(k, bytes) else str(k)
-                if name in row or name == C.STAT_PUBLISH_FAILED:
+                if name in row:
                     with contextlib.suppress(ValueError):
                         row[name] = int(v)
             # NOGROUP (no worker has created the group yet) simply means nothing is pending.

@@ -17,6 +17,9 @@ RENDER = Histogram(
     "Decode + draw + encode of one served frame",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
 )
+RENDER_ERRORS = Counter(
+    "genderlens_viewer_render_errors_total", "Frames skipped because drawing them failed", ["camera"]
+)
 SERVED = Counter("genderlens_viewer_served_frames_total", "MJPEG parts sent to clients", ["camera"])
 STREAM_CLIENTS = Gauge("genderlens_viewer_stream_clients", "Open MJPEG streams")
 WS_CLIENTS = Gauge("genderlens_viewer_ws_clients", "Open WebSocket connections")

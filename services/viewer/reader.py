@@ -5,7 +5,16 @@ model-events streams; refresh the camera list, heartbeats and live workers once 
 Every Redis call is bounded (socket timeout; XREAD blocks for ``block_ms`` only). A lost Redis sets
 ``state.redis_ok = False`` (the page shows "reconnecting") and the loop retries with capped backoff;
 after a reconnect every stream position is re-seeded, because a restarted Redis may hold fewer
-entries than we had already read. A malformed message is counted and skipped, never fatal.
+entries than we had already read. A malformed message is counted and skipped, never fatal; frames are
+checked by the schema (JPEG frame header within the pixel bound and equal to the declared size) before
+they reach the ring buffer, so nothing the viewer decodes later can be a decompression bomb.
+
+One camera's bad state stays that camera's problem: a stream that fails with an error of its own
+(a key of the wrong type where the camera's stream belongs) is set aside with its own backoff
+(``shared.streams.Quarantine``) while every other camera keeps flowing. A stream that was deleted and
+re-created below our cursor (after an entry with the largest possible id, say: XREAD past the new
+stream's last id would return nothing forever) is noticed when it stays silent for ``STUCK_CHECK_S``
+and its newest id is below the cursor, and re-seeded.
 """
 
 from __future__ import annotations
@@ -16,13 +25,22 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from services.viewer import metrics as M
 from services.viewer.appearance import signatures_from_jpeg
 from services.viewer.state import ViewerState
 from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
-from shared.streams import REDIS_DOWN_ERRORS, Backoff
+from shared.streams import (
+    REDIS_DOWN_ERRORS,
+    Backoff,
+    Quarantine,
+    event_fields,
+    eviction_warning,
+    is_key_error,
+    parse_stream_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +53,11 @@ READ_COUNT = 64
 #: The reader hands the event loop back at least this often while it works through a reply, so
 #: requests (/healthz, streams, the WebSocket) and signals are served during a burst.
 YIELD_EVERY_S = 0.02
+#: A followed stream silent this long is checked for a reset below our cursor (one XREVRANGE COUNT 1,
+#: at most this often per silent stream; frames streams only while their camera's heartbeat is alive).
+STUCK_CHECK_S = 2.0
+#: Streams not tied to one camera, followed from their newest entries (with how many to read back).
+GLOBAL_STREAMS = ((C.EVENTS_STREAM, 20), (C.MODEL_EVENTS_STREAM, 1), (C.CAMERA_REQUESTS_STREAM, 1000))
 
 DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, OSError)
 
@@ -49,6 +72,10 @@ class Reader:
         self.client: Any = client
         self.state = state
         self._positions: dict[str, str] = {}  # stream -> last id read
+        self._last_seen: dict[str, float] = {}  # stream -> monotonic time of its last entry or check
+        # Cameras (or global streams) set aside after an error of their own, each on its own backoff.
+        self._quarantine = Quarantine(base_s=1.0, cap_s=60.0)
+        self._policy_checked = False
         self._next_refresh = 0.0
         self._stopping = False
 
@@ -96,6 +123,7 @@ class Reader:
         # Re-seed every position after the outage: a restarted Redis may have restarted its ids.
         self._positions.clear()
         self._next_refresh = 0.0
+        self._policy_checked = False
         for view in self.state.cameras.values():
             view.notify()  # streams redraw with "reconnecting"
         await asyncio.sleep(backoff.next_delay())
@@ -109,9 +137,17 @@ class Reader:
         if not streams:
             await asyncio.sleep(0.2)
             return
-        reply: Any = await self.client.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        try:
+            reply: Any = await self.client.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        except ResponseError as exc:
+            # One stream's error fails the read of all: find it and set its camera aside.
+            if not is_key_error(exc):
+                raise
+            await self._set_aside_bad_streams(exc)
+            return
         self._up()
         received_at = time.time()
+        seen_at = time.monotonic()
         # Frames first, so a result read in the same reply finds its frame in the ring buffer.
         batches = sorted(
             reply or [], key=lambda item: 0 if _s(item[0]).startswith(C.frames_stream("")) else 1
@@ -122,6 +158,7 @@ class Reader:
             if not entries:
                 continue
             self._positions[stream] = _s(entries[-1][0])
+            self._last_seen[stream] = seen_at
             for entry_id, fields in entries:
                 await self.handle(stream, _s(entry_id), fields or {}, received_at)
                 if time.perf_counter() - tick > YIELD_EVERY_S:
@@ -215,11 +252,95 @@ class Reader:
                 }
             )
 
+    # -- one camera's errors, and streams reset under our cursor -------------------------------------
+    @staticmethod
+    def _owner(stream: str) -> str:
+        """The quarantine key of a stream: its camera id, or the stream itself for a global one."""
+        for prefix in (C.frames_stream(""), C.results_stream("")):
+            if stream.startswith(prefix):
+                return stream[len(prefix) :]
+        return stream
+
+    def _set_aside(self, owner: str, exc: BaseException) -> None:
+        """Stop following ``owner`` (a camera's two streams, or one global stream) until its backoff
+        expires; say so once."""
+        for stream in (C.frames_stream(owner), C.results_stream(owner), owner):
+            self._positions.pop(stream, None)
+        M.BAD_MESSAGES.labels("unusable_stream").inc()
+        if self._quarantine.add(owner):
+            log.error("%s: stream unusable (%s); set aside, other cameras carry on", owner, str(exc)[:200])
+
+    async def _set_aside_bad_streams(self, exc: ResponseError) -> None:
+        streams = list(self._positions)
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.type(stream)
+        types: list[Any] = await pipe.execute(raise_on_error=False)
+        bad = [s for s, t in zip(streams, types, strict=True) if _s(t) not in ("stream", "none")]
+        for stream in bad:
+            self._set_aside(self._owner(stream), exc)
+        if not bad:
+            raise exc  # not one stream's problem after all
+
+    async def _check_policy(self) -> None:
+        """Warn loudly (log and event) when Redis may evict our keys (``shared.streams``)."""
+        self._policy_checked = True
+        try:
+            info: Any = await self.client.info("memory")
+        except ResponseError as exc:
+            log.warning("viewer: could not check the Redis eviction policy: %s", exc)
+            return
+        warning = eviction_warning(info)
+        if warning is not None:
+            log.warning("viewer: %s", warning)
+            await self.client.xadd(
+                C.EVENTS_STREAM,
+                event_fields("error", "viewer", warning),
+                maxlen=C.EVENTS_MAXLEN,
+                approximate=True,
+            )
+
+    async def _check_silent_streams(self, alive: set[str]) -> None:
+        """Re-seed streams deleted and re-created below our cursor: XREAD past a stream's last id
+        returns nothing, forever, so a stream that has been silent a while is compared with its newest
+        entry. Frames streams of cameras without a heartbeat are skipped (silence is expected there,
+        and their newest entry is a whole frame)."""
+        now = time.monotonic()
+        candidates = [
+            (stream, pos)
+            for stream, pos in self._positions.items()
+            if now - self._last_seen.get(stream, now) >= STUCK_CHECK_S
+            and not (stream.startswith(C.frames_stream("")) and self._owner(stream) not in alive)
+        ]
+        if not candidates:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for stream, _ in candidates:
+            pipe.xrevrange(stream, count=1)
+            self._last_seen[stream] = now
+        newest: list[Any] = await pipe.execute(raise_on_error=False)
+        for (stream, pos), entries in zip(candidates, newest, strict=True):
+            if isinstance(entries, Exception):
+                continue  # the next XREAD finds and sets aside a broken key
+            top = _s(entries[0][0]) if entries else None
+            if (top is None and pos != "0-0") or (
+                top is not None and parse_stream_id(top) < parse_stream_id(pos)
+            ):
+                log.warning(
+                    "%s was reset below our cursor %s (newest: %s); following it afresh", stream, pos, top
+                )
+                owner = self._owner(stream)
+                if owner in self.state.cameras:
+                    await self._seed(owner)
+                else:
+                    self._positions[stream] = top or "0-0"
+
     # -- periodic refresh --------------------------------------------------------------------------
     async def refresh(self) -> None:
-        if C.EVENTS_STREAM not in self._positions:
-            # First (camera requests included: removals decide which registry entries are stale).
-            await self._seed_events()
+        if not self._policy_checked:
+            await self._check_policy()
+        # First (camera requests included: removals decide which registry entries are stale).
+        await self._seed_events()
         raw: Any = await self.client.hgetall(C.CAMERAS_KEY)
         infos: dict[str, CameraInfo] = {}
         stale: list[str] = []
@@ -256,8 +377,17 @@ class Reader:
             view.info, view.alive = infos[camera_id], bool(is_alive)
             if previous != (view.info.status, view.alive):
                 view.notify()
-            if C.frames_stream(camera_id) not in self._positions:
-                await self._seed(camera_id)
+            if C.frames_stream(camera_id) not in self._positions and not self._quarantine.blocked(camera_id):
+                try:
+                    await self._seed(camera_id)
+                except ResponseError as exc:
+                    if not is_key_error(exc):
+                        raise
+                    self._set_aside(camera_id, exc)
+                    continue
+                if self._quarantine.clear(camera_id):
+                    log.info("camera %s: its streams are usable again", camera_id)
+        await self._check_silent_streams({c for c, a in zip(ids, alive, strict=True) if a})
         self.state.workers = await self.read_workers()
         M.CAMERAS.set(len(self.state.cameras))
         M.WORKERS.set(len(self.state.workers))
@@ -281,19 +411,27 @@ class Reader:
             await self.handle(results_key, _s(entry_id), fields, time.time())
         self._positions[frames_key] = _s(frames[0][0]) if frames else "0-0"
         self._positions[results_key] = _s(results[0][0]) if results else "0-0"
+        self._last_seen[frames_key] = self._last_seen[results_key] = time.monotonic()
 
     async def _seed_events(self) -> None:
-        for stream, count in (
-            (C.EVENTS_STREAM, 20),
-            (C.MODEL_EVENTS_STREAM, 1),
-            (C.CAMERA_REQUESTS_STREAM, 1000),
-        ):
-            entries: Any = await self.client.xrevrange(stream, count=count)
+        """Follow each global stream from its newest entries (once, or again after a reset)."""
+        for stream, count in GLOBAL_STREAMS:
+            if stream in self._positions or self._quarantine.blocked(stream):
+                continue
+            try:
+                entries: Any = await self.client.xrevrange(stream, count=count)
+            except ResponseError as exc:
+                if not is_key_error(exc):
+                    raise
+                self._set_aside(stream, exc)
+                continue
+            self._quarantine.clear(stream)
             if stream == C.EVENTS_STREAM:
                 self.state.events.clear()
             for entry_id, fields in reversed(entries or []):
                 await self.handle(stream, _s(entry_id), fields, time.time())
             self._positions[stream] = _s(entries[0][0]) if entries else "0-0"
+            self._last_seen[stream] = time.monotonic()
 
     async def read_workers(self) -> list[dict[str, Any]]:
         names: list[Any] = []

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.viewer.tracker import NO_MODEL, UNCERTAIN, TrackedFace
+from shared.schema import check_jpeg
 
 Image = npt.NDArray[np.uint8]
 
@@ -46,6 +47,9 @@ class Hud:
 
 
 def decode(jpeg: bytes) -> Image:
+    """JPEG -> BGR image; ValueError on anything undecodable or over the pixel bound. The frame header
+    is checked first (``check_jpeg``), so a decompression bomb is refused without allocating for it."""
+    check_jpeg(jpeg)
     image = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError("undecodable JPEG")

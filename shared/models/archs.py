@@ -15,11 +15,21 @@ from torch import nn
 
 ArchBuilder = Callable[..., nn.Module]
 ARCHITECTURES: dict[str, ArchBuilder] = {}
+#: Per architecture, the inclusive (low, high) range of each numeric ``arch_config`` key it bounds,
+#: declared with ``register_arch(name, limits=...)``: an artifact's metadata outside them is refused
+#: before anything is built (``shared.models.artifact.read_meta``).
+ARCH_LIMITS: dict[str, dict[str, tuple[float, float]]] = {}
+#: No architecture builds more parameters than this (400 MB as float32), whatever its config:
+#: counted on the meta device, before any memory is allocated (``shared.models.artifact``).
+MAX_PARAMETERS = 100_000_000
 
 
-def register_arch(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
+def register_arch(
+    name: str, limits: dict[str, tuple[float, float]] | None = None
+) -> Callable[[ArchBuilder], ArchBuilder]:
     def deco(builder: ArchBuilder) -> ArchBuilder:
         ARCHITECTURES[name] = builder
+        ARCH_LIMITS[name] = dict(limits or {})
         return builder
 
     return deco
@@ -101,7 +111,7 @@ class GenderNet(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
-@register_arch("gendernet")
+@register_arch("gendernet", limits={"width": (4, 256), "dropout": (0.0, 1.0)})
 def gendernet(num_classes: int, width: int = 32, dropout: float = 0.2, flip_tta: bool = False) -> nn.Module:
     return GenderNet(num_classes, width=width, dropout=dropout, flip_tta=flip_tta)
 
@@ -139,7 +149,7 @@ class GenderNetEnsemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
 
-@register_arch("gendernet_ensemble")
+@register_arch("gendernet_ensemble", limits={"members": (1, 16), "width": (4, 256), "dropout": (0.0, 1.0)})
 def gendernet_ensemble(
     num_classes: int, members: int = 2, width: int = 32, dropout: float = 0.2, flip_tta: bool = False
 ) -> nn.Module:

@@ -31,8 +31,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
-from shared.models.archs import ARCHITECTURES, build_model
+from shared.models.archs import ARCH_LIMITS, ARCHITECTURES, MAX_PARAMETERS, build_model
 from shared.preprocess import PREPROCESS_VERSION, normalize
+from shared.schema import MAX_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class ModelMeta(BaseModel):
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*$")
     arch: str
     arch_config: dict[str, Any] = Field(default_factory=dict)
-    classes: list[str] = Field(min_length=2)
+    classes: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
     input_size: int = Field(ge=16, le=512)
     margin: float = Field(gt=0.2, le=4.0)
     mean: list[float] = Field(min_length=3, max_length=3)
@@ -196,15 +197,30 @@ def publish_untrained(
     return meta
 
 
+def inside(path: Path, root: Path, what: str) -> Path:
+    """``path`` with every symlink resolved; ArtifactError unless that lies inside ``root`` (itself
+    resolved, so a models folder that is a symlink, a mounted volume, is fine). A symlink in the
+    models folder must never make a worker load (or a tool read) files from elsewhere."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ArtifactError(f"{path}: {what} resolves to {resolved}, outside {base}; refused")
+    return resolved
+
+
 def current_dir(models_dir: Path) -> Path | None:
-    """The directory ``current`` points at, or None when there is no (valid) pointer."""
+    """The directory ``current`` points at, or None when there is no (valid) pointer. The pointer and
+    the directory must both lie inside ``models_dir`` once symlinks are resolved."""
     pointer = models_dir / CURRENT_FILE
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
+    inside(pointer, models_dir, "the current pointer")
     try:
         name = pointer.read_text().strip()
     except FileNotFoundError:
         return None
     if not name or "/" in name or name.startswith("."):
         raise ArtifactError(f"{pointer} holds an invalid name {name[:80]!r}")
+    inside(models_dir / name, models_dir, "the current version")
     return models_dir / name
 
 
@@ -217,6 +233,7 @@ def list_versions(models_dir: Path) -> list[ModelMeta]:
         if child.name.startswith(".") or not (child / META_FILE).is_file():
             continue
         try:
+            inside(child, models_dir, "a version directory")
             metas.append(read_meta(child))
         except ArtifactError as exc:
             log.warning("skipping %s: %s", child, exc)
@@ -224,8 +241,10 @@ def list_versions(models_dir: Path) -> list[ModelMeta]:
 
 
 def read_meta(path: Path) -> ModelMeta:
+    """The artifact's validated metadata: contract, versions, and an ``arch_config`` within the
+    bounds its architecture declares (checked before anything is built from it)."""
     try:
-        raw = json.loads((path / META_FILE).read_text())
+        raw = json.loads(inside(path / META_FILE, path, META_FILE).read_text())
     except FileNotFoundError as exc:
         raise ArtifactError(f"{path}: no {META_FILE}") from exc
     except (OSError, ValueError) as exc:
@@ -243,7 +262,32 @@ def read_meta(path: Path) -> ModelMeta:
         )
     if meta.arch not in ARCHITECTURES:
         raise ArtifactError(f"{path}: unknown architecture {meta.arch!r}")
+    for key, (low, high) in ARCH_LIMITS.get(meta.arch, {}).items():
+        value = meta.arch_config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ArtifactError(
+                f"{path}: arch_config {key}={str(value)[:40]} is outside {meta.arch}'s bounds [{low:g}, {high:g}]"
+            )
     return meta
+
+
+def count_parameters(meta: ModelMeta) -> int:
+    """Parameters of the model ``meta`` describes, built on the meta device: no memory, no weights,
+    so an absurd config costs nothing. ArtifactError past ``MAX_PARAMETERS`` or when it cannot be
+    built at all."""
+    try:
+        with torch.device("meta"):
+            module = build_model(meta.arch, num_classes=len(meta.classes), **meta.arch_config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"cannot build {meta.arch} with {meta.arch_config}: {exc}") from exc
+    count = sum(p.numel() for p in module.parameters())
+    if count > MAX_PARAMETERS:
+        raise ArtifactError(
+            f"{meta.arch} {meta.arch_config} has {count:,} parameters, more than {MAX_PARAMETERS:,}"
+        )
+    return count
 
 
 def probe_input(meta: ModelMeta, n: int = 2) -> torch.Tensor:
@@ -287,8 +331,9 @@ def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
 
     started = time.perf_counter()
     meta = read_meta(path)
+    count_parameters(meta)  # before the weights are read or anything is allocated
     try:
-        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        state = load_file(str(inside(path / WEIGHTS_FILE, path, WEIGHTS_FILE)), device="cpu")
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
     try:
