@@ -203,6 +203,10 @@ class Timestamps:
 class ModelRef:
     name: str
     version: str
+    #: The confidence below which this result's faces are labelled ``uncertain``: the model's own
+    #: threshold (its metadata) or the worker's override. The viewer applies the same value to its
+    #: smoothed labels, so the two never disagree. None from workers older than this field.
+    uncertain_threshold: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +239,13 @@ class Result(_Message):
         model = obj.get("model")
         if model is not None and not (isinstance(model, dict) and {"name", "version"} <= model.keys()):
             raise SchemaError("result: model must be null or {name, version}")
+        threshold = model.get("uncertain_threshold") if model else None
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 <= threshold <= 1.0  # also refuses NaN
+        ):
+            raise SchemaError("result: model.uncertain_threshold must be null or a number in [0, 1]")
         try:
             timestamps = Timestamps(**{k: float(ts[k]) for k in Timestamps.__dataclass_fields__})
         except (KeyError, TypeError, ValueError) as exc:
@@ -246,7 +257,13 @@ class Result(_Message):
             width=width,
             height=height,
             timestamps=timestamps,
-            model=ModelRef(str(model["name"]), str(model["version"])) if model else None,
+            model=ModelRef(
+                str(model["name"]),
+                str(model["version"]),
+                None if threshold is None else float(threshold),
+            )
+            if model
+            else None,
             worker=str(_req(obj, "worker", str, cls.KIND)),
             faces=tuple(Face.from_obj(f) for f in faces),
         )

@@ -31,7 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.viewer.tracker import FaceTracker
+from services.viewer.tracker import FaceTracker, threshold_of
 from shared.schema import ModelRef, Result, Timestamps
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,12 @@ def make_clip(
     return out
 
 
-def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fps: float) -> list[Result]:
-    """Run the workers' pipeline (YuNet + current model) on every frame of the clip."""
-    from services.inference.pipeline import Pipeline
+def results_from_clip(
+    clip: Path, models_dir: Path, weights_dir: Path | None, fps: float, threshold: float | None = None
+) -> list[Result]:
+    """Run the workers' pipeline (YuNet + current model) on every frame of the clip. ``threshold``: the
+    worker's uncertainty override (None = the model's own), carried by each result as a worker does."""
+    from services.inference.pipeline import Pipeline, applied_threshold
     from shared.detectors import DetectorConfig, create
     from shared.models.artifact import current_dir, load_artifact
 
@@ -109,7 +112,7 @@ def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fp
         raise SystemExit(f"no current model in {models_dir}: flicker needs a classifier")
     classifier = load_artifact(target, "cpu")
     pipeline = Pipeline(create("cv2-yunet", DetectorConfig(weights_dir=weights_dir)), "cpu")
-    model = ModelRef(classifier.meta.name, classifier.meta.version)
+    model = ModelRef(classifier.meta.name, classifier.meta.version, applied_threshold(classifier, threshold))
     capture = cv2.VideoCapture(str(clip))
     results: list[Result] = []
     seq = 0
@@ -117,7 +120,7 @@ def results_from_clip(clip: Path, models_dir: Path, weights_dir: Path | None, fp
 
     def flush() -> None:
         nonlocal seq
-        outputs = pipeline.run(batch, classifier, None)
+        outputs = pipeline.run(batch, classifier, threshold)
         for out in outputs:
             t = seq / fps
             results.append(
@@ -221,18 +224,19 @@ def out_of_order(results: list[Result], workers: int = 3, seed: int = 0) -> list
 def measure(
     results: list[Result],
     fps: float,
-    threshold: float,
     window: int,
     truth: list[str] | None = None,
     frames_per_photo: int = 0,
 ) -> dict[str, Any]:
     kw: dict[str, Any] = {"truth": truth, "frames_per_photo": frames_per_photo}
-    # Before smoothing, two baselines: the worker's own per-frame label (its model's threshold), and
-    # the viewer's rule applied to each frame alone (same threshold, window of 1, no hysteresis).
-    worker = replay(results, FaceTracker(threshold, smooth=False), fps, **kw)
-    raw = replay(results, FaceTracker(threshold, window=1, hysteresis=0.0), fps, **kw)
-    smooth = replay(results, FaceTracker(threshold, window=window), fps, **kw)
-    shuffled = replay(out_of_order(results), FaceTracker(threshold, window=window), fps, **kw)
+    # Before smoothing, two baselines: the worker's own per-frame label, and the viewer's rule applied to
+    # each frame alone (window of 1, no hysteresis). Every replay uses the threshold the results carry
+    # (one policy: the model's, or the worker's override).
+    threshold = threshold_of(results[0]) if results else None
+    worker = replay(results, FaceTracker(smooth=False), fps, **kw)
+    raw = replay(results, FaceTracker(window=1, hysteresis=0.0), fps, **kw)
+    smooth = replay(results, FaceTracker(window=window), fps, **kw)
+    shuffled = replay(out_of_order(results), FaceTracker(window=window), fps, **kw)
     return {
         "frames": len(results),
         "faces": sum(len(r.faces) for r in results),
@@ -259,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale", type=float, default=0.75, help="photo size in the frame (smaller = farther)"
     )
-    parser.add_argument("--threshold", type=float, default=0.6, help="viewer uncertain_threshold")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="override the model's uncertainty threshold, as the worker's GENDERLENS_UNCERTAIN_THRESHOLD "
+        "does (default: the model's own)",
+    )
     parser.add_argument("--window", type=int, default=15, help="smoothing window (frames)")
     parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
     parser.add_argument("--json-out", type=Path, default=Path("test-artifacts/flicker.json"))
@@ -269,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     photos = pick_photos(args.eval_dir, args.photos)
     make_clip(photos, args.clip, fps=args.fps, seconds_per_photo=args.seconds_per_photo, scale=args.scale)
-    results = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
+    results = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps, args.threshold)
     truth = [p.relative_to(args.eval_dir).parts[0] for p in photos]  # eval/<gender>/...
     per_photo = round(args.fps * args.seconds_per_photo)
-    report = measure(results, args.fps, args.threshold, args.window, truth, per_photo)
+    report = measure(results, args.fps, args.window, truth, per_photo)
     report["scale"] = args.scale
     report["photos"] = [str(p.relative_to(args.eval_dir)) for p in photos]
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from services.viewer import metrics as M
 from services.viewer.state import ViewerState
+from services.viewer.tracker import threshold_of
 from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import REDIS_DOWN_ERRORS, Backoff
@@ -172,6 +173,7 @@ class Reader:
         self.state.model = (
             {"name": result.model.name, "version": result.model.version} if result.model else None
         )
+        self.state.uncertain_threshold = threshold_of(result) if result.model else None
         if len(self.state.subscribers):
             self.state.subscribers.publish(
                 {

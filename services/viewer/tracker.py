@@ -8,9 +8,14 @@ probabilities to the track, but never moves a track's box backwards in time.
 
 Smoothing: each track keeps the class probabilities of its last ``window`` observations; the label
 shown is the arg-max of their mean (a soft vote, insensitive to the order they arrived in), and
-``uncertain`` when that mean is below ``uncertain_threshold``. A small hysteresis (``hysteresis``) is
+``uncertain`` when that mean is below the uncertainty threshold. A small hysteresis (``hysteresis``) is
 needed to *leave* ``uncertain`` or switch class, so a confidence hovering on the threshold does not
 make the label blink.
+
+One uncertainty policy: the threshold is the one the worker applied to the result's own labels, which
+the result carries (``result.model.uncertain_threshold``: the model's threshold from its metadata, or
+the worker's override), so the smoothed label and the per-frame label use the same value. Only results
+from workers older than that field fall back to the tracker's ``uncertain_threshold``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ UNCERTAIN: Final = "uncertain"
 UNKNOWN: Final = "unknown"
 #: What the viewer shows for faces that come from a worker without a model.
 NO_MODEL: Final = "no model"
+#: For results that do not say which threshold their worker used (workers older than
+#: ``ModelRef.uncertain_threshold``): the artifact format's default threshold.
+DEFAULT_UNCERTAIN_THRESHOLD: Final = 0.6
 
 Box = tuple[float, float, float, float]
 
@@ -79,6 +87,13 @@ class Track:
     hits: int = 0
 
 
+def threshold_of(result: Result, default: float = DEFAULT_UNCERTAIN_THRESHOLD) -> float:
+    """The uncertainty threshold the result's worker applied (see the module doc)."""
+    if result.model is not None and result.model.uncertain_threshold is not None:
+        return result.model.uncertain_threshold
+    return default
+
+
 def _top(probs: dict[str, float]) -> tuple[str, float]:
     if not probs:
         return UNKNOWN, 0.0
@@ -91,7 +106,7 @@ class FaceTracker:
 
     def __init__(
         self,
-        uncertain_threshold: float = 0.6,
+        uncertain_threshold: float = DEFAULT_UNCERTAIN_THRESHOLD,
         *,
         window: int = 15,
         iou_threshold: float = 0.3,
@@ -99,6 +114,7 @@ class FaceTracker:
         hysteresis: float = 0.05,
         smooth: bool = True,
     ) -> None:
+        #: used only for results that do not carry their worker's threshold (older workers)
         self.uncertain_threshold = uncertain_threshold
         self.window = window
         self.iou_threshold = iou_threshold
@@ -143,6 +159,7 @@ class FaceTracker:
             matched[fi] = self.tracks[ti]
             used.add(ti)
 
+        threshold = threshold_of(result, self.uncertain_threshold)
         out: list[TrackedFace] = []
         for fi, face in enumerate(result.faces):
             track = matched.get(fi)
@@ -153,10 +170,10 @@ class FaceTracker:
             elif seq >= track.last_seq:
                 # An older result (out of order) adds its vote but must not move the box back in time.
                 track.box, track.last_seq = face.box, seq
-            out.append(self._observe(track, face))
+            out.append(self._observe(track, face, threshold))
         return out
 
-    def _observe(self, track: Track, face: Face) -> TrackedFace:
+    def _observe(self, track: Track, face: Face, threshold: float) -> TrackedFace:
         track.hits += 1
         raw_label = face.label
         raw_conf = face.probs.get(raw_label, _top(face.probs)[1]) if face.probs else 0.0
@@ -177,10 +194,10 @@ class FaceTracker:
         current = track.label
         if current == best:
             # Keep the class while it stays above the threshold itself.
-            label = best if conf >= self.uncertain_threshold else UNCERTAIN
-        elif conf >= self.uncertain_threshold + self.hysteresis:
+            label = best if conf >= threshold else UNCERTAIN
+        elif conf >= threshold + self.hysteresis:
             label = best  # switching (or leaving "uncertain") needs a clear margin
-        elif current in mean and mean[current] >= self.uncertain_threshold:
+        elif current in mean and mean[current] >= threshold:
             label = current
         else:
             label = UNCERTAIN
