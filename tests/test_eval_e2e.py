@@ -191,3 +191,12 @@ def test_proxy_transforms() -> None:
     dark = darken(photo, seed=1)
     assert dark.shape == photo.shape and dark.mean() < 0.6 * photo.mean()
     assert (darken(photo, seed=1) == dark).all()  # seeded: runs repeat
+
+
+def test_breakdowns_sort_age_bands_numerically() -> None:
+    """Regression (#11 item 17): age bands sorted as strings ("10-19" before "3-9", "70+" last by luck)."""
+    from trainer.report import breakdown
+
+    bands = ["70+", "10-19", "3-9", "0-2", "20-29", None, "60-69"]
+    assert list(breakdown([True] * len(bands), bands)) == ["0-2", "3-9", "10-19", "20-29", "60-69", "70+"]
+    assert list(breakdown([True, False, True], ["White", "Black", "Asian"])) == ["Asian", "Black", "White"]
