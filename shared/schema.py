@@ -321,6 +321,10 @@ class Timestamps:
 class ModelRef:
     name: str
     version: str
+    #: The confidence below which this result's faces are labelled ``uncertain``: the model's own
+    #: threshold (its metadata) or the worker's override. The viewer applies the same value to its
+    #: smoothed labels, so the two never disagree. None from workers older than this field.
+    uncertain_threshold: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,8 +359,14 @@ class Result(_Message):
         if model is not None:
             if not (isinstance(model, dict) and {"name", "version"} <= model.keys()):
                 raise SchemaError("result: model must be null or {name, version}")
+            threshold = model.get("uncertain_threshold")
             model_ref = ModelRef(
-                _name(model, "name", "result: model"), _name(model, "version", "result: model")
+                _name(model, "name", "result: model"),
+                _name(model, "version", "result: model"),
+                # None from workers older than this field; NaN and out-of-range are refused.
+                None
+                if threshold is None
+                else _number(threshold, "result: model.uncertain_threshold", 0.0, 1.0),
             )
         missing = [k for k in Timestamps.__dataclass_fields__ if k not in ts]
         if missing:

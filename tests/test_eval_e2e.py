@@ -26,6 +26,9 @@ KEYS = {
     "images", "face_found_rate", "accuracy", "per_source", "per_class", "per_group", "per_age",
     "images_per_second", "model",
 }  # fmt: skip
+NEW_KEYS = {"ece", "uncertain_rate", "uncertain_threshold", "detection", "variants"}
+#: A real close-up portrait whose face YuNet misses at 640 and finds at 320 (tests/test_detection_policy.py).
+CLOSE_UP = "female/pixabay/face-5097981_1280.jpg"
 
 
 def test_committed_default_model_loads() -> None:
@@ -36,7 +39,9 @@ def test_committed_default_model_loads() -> None:
     assert (art / "model.safetensors").stat().st_size < 5 * 1024 * 1024
 
 
-def _subset(dest: Path, per_cell: int = 3) -> list[dict[str, str]]:
+def _subset(dest: Path, per_cell: int = 3, extra: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """``per_cell`` photos of each class and source, plus the ``extra`` relpaths (or age bands: the first
+    FairFace photo of that band)."""
     with (EVAL / "manifest.csv").open(newline="") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: r["relpath"])
     picked: list[dict[str, str]] = []
@@ -44,6 +49,8 @@ def _subset(dest: Path, per_cell: int = 3) -> list[dict[str, str]]:
         for source in ("pixabay", "fairface"):
             cell = [r for r in rows if r["relpath"].startswith(f"{gender}/{source}/")]
             picked += cell[:: max(1, len(cell) // per_cell)][:per_cell]
+    for want in extra:
+        picked.append(next(r for r in rows if want in (r["relpath"], r["age"]) and r not in picked))
     for r in picked:
         (dest / r["relpath"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(EVAL / r["relpath"], dest / r["relpath"])
@@ -76,7 +83,7 @@ def test_eval_on_real_photos(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     text = capsys.readouterr().out
     assert "faces found" in text and "per source" in text
     result = json.loads(out.read_text())
-    assert set(result) == KEYS
+    assert set(result) == KEYS | NEW_KEYS  # the keys earlier versions wrote are all still there
     assert result["images"] == len(picked) == 12
     assert set(result["per_source"]) == {"pixabay", "fairface"}
     assert set(result["per_class"]) == {"female", "male"}
@@ -86,7 +93,9 @@ def test_eval_on_real_photos(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             assert set(row) == {"n", "accuracy", "face_found_rate"}
             assert 0 <= row["accuracy"] <= 1 and 0 <= row["face_found_rate"] <= 1
     assert result["face_found_rate"] == 1.0
-    assert result["accuracy"] >= 10 / 12  # real photos with known labels
+    # Real photos with known labels: a sanity bar, not a target. Under the one detection policy (640,
+    # as the worker) the shipped model gets 9 of these 12 (10 when eval detected at 320 alone).
+    assert result["accuracy"] >= 9 / 12
     assert result["images_per_second"] > 0
     meta = load_artifact(current_dir(MODELS) or MODELS).meta
     assert result["model"] == {"name": meta.name, "version": meta.version}
@@ -120,3 +129,74 @@ def test_eval_refuses_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "female").mkdir()
     assert cli_main(["eval", "--data", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@needs_shared
+def test_eval_reports_proxies_breakdowns_in_order_and_the_detection_fallback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Grayscale and darkened copies run through the same path with their gaps to colour; age bands in
+    numeric order (regression: they sorted as strings, "10-19" before "3-9"); ECE; and the close-up the
+    detector finds only through its fallback is found, and counted."""
+    data = tmp_path / "photos"
+    picked = _subset(data, per_cell=1, extra=("3-9", "10-19", "70+", CLOSE_UP))
+    out = tmp_path / "result.json"
+    argv = [
+        "eval",
+        "--data",
+        str(data),
+        "--model",
+        str(MODELS),
+        "--weights-dir",
+        str(WEIGHTS),
+        "--json",
+        str(out),
+    ]
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "proxies for unseen photos" in text and "grayscale" in text and "dark" in text
+    result = json.loads(out.read_text())
+    assert result["images"] == len(picked) == 8
+    ages = list(result["per_age"])
+    assert ages == sorted(ages, key=lambda band: int(band.rstrip("+").split("-")[0]))
+    assert ages.index("3-9") < ages.index("10-19") < ages.index("70+")
+    assert 0 <= result["ece"] <= 1 and 0 <= result["uncertain_rate"] <= 1
+    assert result["detection"]["max_side"] == 640 and result["detection"]["fallback_sides"] == [320, 200]
+    assert result["detection"]["fallback"]["colour"]["recovered"] >= 1  # the close-up
+    assert result["face_found_rate"] == 1.0
+    assert set(result["variants"]) == {"grayscale", "dark"}
+    for name, v in result["variants"].items():
+        assert v["images"] == 8 and {"per_source", "per_class", "per_group", "per_age", "ece"} <= v.keys()
+        gap = v["gap_to_colour"]
+        assert gap["accuracy"] == pytest.approx(v["accuracy"] - result["accuracy"]), name
+        assert set(gap["per_class"]) == {"female", "male"}
+    # Only the colour copy when asked.
+    assert cli_main([*argv, "--variants", "colour"]) == 0
+    assert json.loads(out.read_text())["variants"] == {}
+
+
+def test_proxy_transforms() -> None:
+    import numpy as np
+
+    from trainer.evaluate import darken, grayscale
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    gray = grayscale(photo)
+    assert (
+        gray.shape == photo.shape
+        and (gray[..., 0] == gray[..., 1]).all()
+        and (gray[..., 1] == gray[..., 2]).all()
+    )
+    dark = darken(photo, seed=1)
+    assert dark.shape == photo.shape and dark.mean() < 0.6 * photo.mean()
+    assert (darken(photo, seed=1) == dark).all()  # seeded: runs repeat
+
+
+def test_breakdowns_sort_age_bands_numerically() -> None:
+    """Regression (#11 item 17): age bands sorted as strings ("10-19" before "3-9", "70+" last by luck)."""
+    from trainer.report import breakdown
+
+    bands = ["70+", "10-19", "3-9", "0-2", "20-29", None, "60-69"]
+    assert list(breakdown([True] * len(bands), bands)) == ["0-2", "3-9", "10-19", "20-29", "60-69", "70+"]
+    assert list(breakdown([True, False, True], ["White", "Black", "Asian"])) == ["Asian", "Black", "White"]

@@ -335,6 +335,8 @@ def test_worker_routes_a_mixed_batch_back_to_each_camera_and_seq(
         for _, fields in client.xrange(C.results_stream(cam)):  # type: ignore[union-attr]
             result = Result.from_fields(fields)
             assert result.camera_id == cam
+            # one uncertainty policy: the threshold the worker applied travels with the result
+            assert result.model is not None and result.model.uncertain_threshold == 0.6
             assert (result.width, result.height) == size
             key = (cam, result.seq)
             assert key in sent and key not in seen

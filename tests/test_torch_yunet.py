@@ -52,7 +52,8 @@ def _few_threads() -> Iterator[None]:
 
 
 def _config(variant: str = "yunet_s") -> DetectorConfig:
-    return DetectorConfig(weights_dir=WEIGHTS, variant=variant)
+    # The backends themselves, without the no-face fallback that create() adds by default.
+    return DetectorConfig(weights_dir=WEIGHTS, variant=variant, fallback_sides=())
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from shared.detectors import FaceDetector
+from shared.detectors.fallback import fallback_stats
 from shared.preprocess import PREPROCESS_VERSION, crop_faces_bgr
 from trainer.data import Catalog, FaceImageDataset
 from trainer.faces import central_face
@@ -63,6 +64,7 @@ def cache_key(catalog: Catalog, size: int, margin: float, detector: FaceDetector
         "detector": detector.name,
         "threshold": getattr(cfg, "score_threshold", None),
         "max_side": getattr(cfg, "max_side", None),
+        "fallback_sides": list(getattr(cfg, "fallback_sides", ())),
         "no_face": no_face,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -148,9 +150,12 @@ def build_or_load(
             "no_face": int((status == STATUS_NO_FACE).sum()),
             "unreadable": int((status == STATUS_UNREADABLE).sum()),
         },
+        "detector_fallback": stats.snapshot() if (stats := fallback_stats(detector)) else None,
     }
     tmp = folder / f".meta.{secrets.token_hex(4)}.json"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(meta_path)
-    log.info("crop cache built: %s %s", folder, meta["counts"])
+    log.info(
+        "crop cache built: %s %s; detector fallback %s", folder, meta["counts"], meta["detector_fallback"]
+    )
     return CropCache(crops, status, fingerprint, folder)

@@ -1,10 +1,15 @@
 """``genderlens eval``: end-to-end evaluation on uncropped photos, exactly as serving sees them.
 
-For each photo: detect faces, take the face whose box centre is nearest the image centre (ties: the
-larger), align and crop it with ``shared.preprocess`` and classify it with the artifact. A photo with no
-face found counts as an error. Labels come from ``manifest.csv`` (relpath,gender,age,group) when the
-folder has one, otherwise from the class folder names; the *source* of a photo is the first folder below
-its class folder.
+For each photo: detect faces (the serving detection policy: long side 640, and the no-face fallback at
+320 then 200, from ``shared.detectors``), take the face whose box centre is nearest the image centre
+(ties: the larger), align and crop it with ``shared.preprocess`` and classify it with the artifact. A
+photo with no face found counts as an error. Labels come from ``manifest.csv`` (relpath,gender,age,group)
+when the folder has one, otherwise from the class folder names; the *source* of a photo is the first
+folder below its class folder.
+
+Proxies for photos the model has never seen: every photo is also run, through the same path, as a
+grayscale copy and as a darkened (low-light) copy (:data:`VARIANTS`), and the report gives their gaps
+to colour. Breakdowns by source, class, group and age band (in numeric order), and calibration (ECE).
 """
 
 from __future__ import annotations
@@ -20,23 +25,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from shared.detectors import DetectorConfig
+from shared.detectors.fallback import FallbackDetector
 from shared.models.artifact import ArtifactError, Classifier, current_dir, load_artifact
 from shared.preprocess import crop_faces_bgr
 from trainer.data import MANIFEST, DatasetError, Sample, age_band, load_bgr, read_folder
 from trainer.faces import central_face, make_detector
-from trainer.report import ece
+from trainer.report import ece, natural_key
 
 log = logging.getLogger("trainer.evaluate")
 
-#: Long side frames are downscaled to before detection, for this command. Chosen from the face-found
-#: rate alone (not a label): YuNet at 0.6 finds a face in 99.6% of ../shared/data/faces/eval photos at
-#: 320 px versus 98.8% at full size (large, close-up faces score low at full size). The serving worker
-#: has its own setting (``GENDERLENS_DETECTOR_MAX_SIDE``).
-DEFAULT_MAX_SIDE = 320
+Image = npt.NDArray[np.uint8]
+
+#: The low-light proxy: two stops under in linear light (x0.25), then sensor noise of this many grey
+#: levels (seeded per photo, so runs repeat). A phone or webcam in a dim room gives about this.
+DARK_GAIN = 0.25
+DARK_NOISE = 3.0
+
+
+def _dark_lut(gain: float) -> npt.NDArray[np.uint8]:
+    v = np.arange(256) / 255.0
+    linear = np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4) * gain
+    srgb = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return np.clip(np.round(srgb * 255), 0, 255).astype(np.uint8)
+
+
+_DARK = _dark_lut(DARK_GAIN)
+
+
+def grayscale(image: Image, seed: int = 0) -> Image:
+    """The photo in black and white (3 equal channels, as a grayscale camera or news photo gives)."""
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
+
+
+def darken(image: Image, seed: int = 0) -> Image:
+    """The photo as if taken in low light: 2 stops under exposure plus sensor noise."""
+    dark = cv2.LUT(image, _DARK).astype(np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, DARK_NOISE, image.shape).astype(np.float32)
+    return np.asarray(np.clip(np.round(dark + noise), 0, 255), dtype=np.uint8)
+
+
+def colour(image: Image, seed: int = 0) -> Image:
+    return image
+
+
+#: name -> transform of a BGR photo; "colour" (the photo as it is) comes first and is the reference.
+VARIANTS: dict[str, Any] = {"colour": colour, "grayscale": grayscale, "dark": darken}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,8 +104,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-side",
         type=int,
-        default=DEFAULT_MAX_SIDE,
-        help="downscale photos to this long side before detection",
+        default=DetectorConfig.max_side,
+        help="downscale photos to this long side before detection (the worker's default)",
+    )
+    p.add_argument(
+        "--fallback-sides",
+        default=",".join(str(v) for v in DetectorConfig.fallback_sides),
+        help="when no face is found, retry at these smaller long sides (comma-separated; '' = none)",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"copies of every photo to evaluate, comma-separated, from {', '.join(VARIANTS)} "
+        "(grayscale and dark are proxies for unseen photos)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -137,64 +189,145 @@ def _by(outcomes: list[Outcome], key: str) -> dict[str, dict[str, float | int]]:
         value = getattr(o.sample, key)
         if value is not None:
             groups[value].append(o)
-    return {k: _summary(v) for k, v in sorted(groups.items())}
+    return {k: _summary(groups[k]) for k in sorted(groups, key=natural_key)}
+
+
+def _seed(relpath: str) -> int:
+    """A per-photo seed that does not depend on Python's hash randomisation."""
+    return int.from_bytes(relpath.encode()[-8:].rjust(8, b"\0"), "little") ^ len(relpath)
 
 
 def evaluate(
-    samples: list[Sample], clf: Classifier, detector: Any, batch: int = 32
-) -> tuple[list[Outcome], float]:
-    """Run the pipeline over the samples; returns the outcomes and the wall time in seconds."""
+    samples: list[Sample],
+    clf: Classifier,
+    detector: Any,
+    batch: int = 32,
+    variants: tuple[str, ...] = ("colour",),
+) -> tuple[dict[str, list[Outcome]], float, dict[str, dict[str, int]]]:
+    """Run the pipeline over every sample once per variant (each photo is read once).
+
+    Returns the outcomes per variant (in sample order), the wall time in seconds, and per variant how
+    often the detector's no-face fallback ran and found a face.
+    """
     classes = clf.meta.classes
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
         raise DatasetError(f"labels {unknown} are not classes of the model ({classes})")
-    outcomes: list[Outcome] = []
+    outcomes: dict[str, list[Outcome]] = {v: [] for v in variants}
+    fallback = {v: {"retried": 0, "recovered": 0} for v in variants}
+    stats = detector.stats if isinstance(detector, FallbackDetector) else None
     started = time.perf_counter()
-    pending: list[tuple[Sample, np.ndarray]] = []
+    pending: dict[str, list[tuple[Sample, np.ndarray]]] = {v: [] for v in variants}
 
-    def flush() -> None:
-        if not pending:
+    def flush(variant: str) -> None:
+        rows = pending[variant]
+        if not rows:
             return
-        crops = torch.from_numpy(np.stack([c for _, c in pending])).permute(0, 3, 1, 2).contiguous()
+        crops = torch.from_numpy(np.stack([c for _, c in rows])).permute(0, 3, 1, 2).contiguous()
         probs = clf.predict(crops).cpu().numpy()
-        for (s, _), p in zip(pending, probs, strict=True):
-            outcomes.append(Outcome(s, True, classes[int(p.argmax())] == s.label, p.tolist()))
-        pending.clear()
+        for (s, _), p in zip(rows, probs, strict=True):
+            outcomes[variant].append(Outcome(s, True, classes[int(p.argmax())] == s.label, p.tolist()))
+        rows.clear()
 
     for s in tqdm(samples, desc="eval", unit="img", mininterval=2):
-        image = load_bgr(s.path)
-        if image is None:
+        photo = load_bgr(s.path)
+        if photo is None:
             log.warning("unreadable photo counted as an error: %s", s.relpath)
-            outcomes.append(Outcome(s, False, False, None))
-            continue
-        dets = detector.detect([image])[0]
-        pick = central_face(dets, image.shape[1], image.shape[0])
-        if pick is None:
-            outcomes.append(Outcome(s, False, False, None))
-            continue
-        crop = crop_faces_bgr(image, dets.landmarks[pick : pick + 1], clf.meta.input_size, clf.meta.margin)[0]
-        pending.append((s, crop))
-        if len(pending) >= batch:
-            flush()
-    flush()
+        for variant in variants:
+            if photo is None:
+                outcomes[variant].append(Outcome(s, False, False, None))
+                continue
+            image = VARIANTS[variant](photo, _seed(s.relpath))
+            before = (stats.retried, stats.recovered) if stats else (0, 0)
+            dets = detector.detect([image])[0]
+            if stats:
+                fallback[variant]["retried"] += stats.retried - before[0]
+                fallback[variant]["recovered"] += stats.recovered - before[1]
+            pick = central_face(dets, image.shape[1], image.shape[0])
+            if pick is None:
+                outcomes[variant].append(Outcome(s, False, False, None))
+                continue
+            crop = crop_faces_bgr(
+                image, dets.landmarks[pick : pick + 1], clf.meta.input_size, clf.meta.margin
+            )
+            pending[variant].append((s, crop[0]))
+            if len(pending[variant]) >= batch:
+                flush(variant)
+    for variant in variants:
+        flush(variant)
     order = {s.relpath: i for i, s in enumerate(samples)}
-    outcomes.sort(key=lambda o: order[o.sample.relpath])
-    return outcomes, time.perf_counter() - started
+    for rows in outcomes.values():
+        rows.sort(key=lambda o: order[o.sample.relpath])
+    return outcomes, time.perf_counter() - started, fallback
 
 
-def results_json(outcomes: list[Outcome], seconds: float, clf: Classifier) -> dict[str, Any]:
+def _calibration(outcomes: list[Outcome], clf: Classifier) -> dict[str, float]:
+    """ECE and the share below the uncertain threshold, over the faces found."""
+    found = [o for o in outcomes if o.probs is not None]
+    if not found:
+        return {"ece": 0.0, "uncertain_rate": 0.0}
+    probs = np.array([o.probs for o in found])
+    labels = np.array([clf.meta.classes.index(o.sample.label) for o in found], dtype=np.int64)
+    return {
+        "ece": ece(probs, labels),
+        "uncertain_rate": float((probs.max(axis=1) < clf.meta.uncertain_threshold).mean()),
+    }
+
+
+def _variant_json(outcomes: list[Outcome], clf: Classifier) -> dict[str, Any]:
     overall = _summary(outcomes)
     return {
         "images": overall["n"],
         "face_found_rate": overall["face_found_rate"],
         "accuracy": overall["accuracy"],
+        **_calibration(outcomes, clf),
         "per_source": _by(outcomes, "source"),
         "per_class": _by(outcomes, "label"),
         "per_group": _by(outcomes, "group"),
         "per_age": _by(outcomes, "age"),
-        "images_per_second": len(outcomes) / seconds if seconds > 0 else 0.0,
-        "model": {"name": clf.meta.name, "version": clf.meta.version},
     }
+
+
+def results_json(
+    results: dict[str, list[Outcome]],
+    seconds: float,
+    clf: Classifier,
+    detection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON report. Top level: the colour photos (the keys earlier versions wrote, plus ece,
+    uncertain_rate, detection); ``variants``: every other copy with its gaps to colour (points)."""
+    colour_rows = results.get("colour") or next(iter(results.values()))
+    main = _variant_json(colour_rows, clf)
+    out: dict[str, Any] = {
+        **{k: main[k] for k in ("images", "face_found_rate", "accuracy")},
+        "per_source": main["per_source"],
+        "per_class": main["per_class"],
+        "per_group": main["per_group"],
+        "per_age": main["per_age"],
+        "images_per_second": len(colour_rows) * len(results) / seconds if seconds > 0 else 0.0,
+        "model": {"name": clf.meta.name, "version": clf.meta.version},
+        "ece": main["ece"],
+        "uncertain_rate": main["uncertain_rate"],
+        "uncertain_threshold": clf.meta.uncertain_threshold,
+        "detection": detection or {},
+        "variants": {},
+    }
+    for variant, rows in results.items():
+        if variant == "colour":
+            continue
+        v = _variant_json(rows, clf)
+        v["gap_to_colour"] = {
+            "accuracy": v["accuracy"] - main["accuracy"],
+            "face_found_rate": v["face_found_rate"] - main["face_found_rate"],
+            "ece": v["ece"] - main["ece"],
+            "per_class": {
+                k: row["accuracy"] - main["per_class"][k]["accuracy"]
+                for k, row in v["per_class"].items()
+                if k in main["per_class"]
+            },
+        }
+        out["variants"][variant] = v
+    return out
 
 
 def _table(title: str, rows: dict[str, dict[str, float | int]]) -> list[str]:
@@ -209,11 +342,23 @@ def _table(title: str, rows: dict[str, dict[str, float | int]]) -> list[str]:
     return lines
 
 
+def _parse_sides(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise SystemExit(f"--fallback-sides: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or any(v not in VARIANTS for v in variants):
+        sys.stderr.write(f"error: --variants takes a list from {', '.join(VARIANTS)}\n")
+        return 2
+    variants = tuple(v for v in VARIANTS if v in variants)  # colour first: the reference
     try:
         clf = load_artifact(resolve_model(args.model), args.device)
         samples = read_eval_samples(args.data)
@@ -225,25 +370,36 @@ def run(args: argparse.Namespace) -> int:
     from shared.settings import ModelPathsMixin
 
     weights_dir = args.weights_dir or ModelPathsMixin().weights_dir
-    detector = make_detector(args.detector, weights_dir, args.score_threshold, args.max_side)
+    sides = _parse_sides(args.fallback_sides)
     try:
-        outcomes, seconds = evaluate(samples, clf, detector)
+        detector = make_detector(args.detector, weights_dir, args.score_threshold, args.max_side, sides)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    try:
+        outcomes, seconds, fallback = evaluate(samples, clf, detector, variants=variants)
     except DatasetError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    result = results_json(outcomes, seconds, clf)
-    found = [o for o in outcomes if o.probs is not None]
-    probs = np.array([o.probs for o in found]) if found else np.zeros((0, len(clf.meta.classes)))
-    labels = np.array([clf.meta.classes.index(o.sample.label) for o in found], dtype=np.int64)
-    calib = ece(probs, labels) if found else 0.0
-    uncertain = float((probs.max(axis=1) < clf.meta.uncertain_threshold).mean()) if found else 0.0
+    detection = {
+        "detector": args.detector,
+        "max_side": args.max_side,
+        "fallback_sides": list(sides),
+        "fallback": fallback,
+    }
+    result = results_json(outcomes, seconds, clf, detection)
+    first = variants[0]
+    fired = fallback[first]
     lines = [
         f"model {clf.meta.dirname} ({clf.meta.arch}), detector {args.detector} "
-        f"(max side {args.max_side}), data {args.data}",
+        f"(long side {args.max_side}, fallback {'/'.join(map(str, sides)) or 'off'}), data {args.data}",
         f"images {result['images']}   faces found {100 * result['face_found_rate']:.2f}%   "
-        f"accuracy {100 * result['accuracy']:.2f}%   {result['images_per_second']:.1f} images/s",
-        f"calibration on faces found: ECE {calib:.4f}; below the uncertain threshold "
-        f"{clf.meta.uncertain_threshold:.2f}: {100 * uncertain:.1f}%",
+        f"accuracy {100 * result['accuracy']:.2f}%   {result['images_per_second']:.1f} images/s"
+        + (f" ({len(variants)} copies each)" if len(variants) > 1 else ""),
+        f"calibration on faces found: ECE {result['ece']:.4f}; below the uncertain threshold "
+        f"{clf.meta.uncertain_threshold:.2f}: {100 * result['uncertain_rate']:.1f}%",
+        f"detection fallback ({first}): ran on {fired['retried']} photos with no face at "
+        f"{args.max_side}, found a face in {fired['recovered']}",
     ]
     for title, key in (
         ("per source", "per_source"),
@@ -252,6 +408,16 @@ def run(args: argparse.Namespace) -> int:
         ("per age band", "per_age"),
     ):
         lines += _table(title, result[key])
+    if result["variants"]:
+        lines.append("proxies for unseen photos (the same photos, the same path; gap = copy minus colour):")
+        for name, v in result["variants"].items():
+            g = v["gap_to_colour"]
+            per_class = ", ".join(f"{k} {100 * d:+.2f}" for k, d in g["per_class"].items())
+            lines.append(
+                f"  {name:<10} faces found {100 * v['face_found_rate']:6.2f}%  accuracy "
+                f"{100 * v['accuracy']:6.2f}% (gap {100 * g['accuracy']:+.2f} points; {per_class})  "
+                f"ECE {v['ece']:.4f}  fallback found {fallback[name]['recovered']}"
+            )
     _say("\n".join(lines))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

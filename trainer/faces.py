@@ -20,11 +20,16 @@ def make_detector(
     weights_dir: Path | None = None,
     score_threshold: float | None = None,
     max_side: int | None = None,
+    fallback_sides: tuple[int, ...] | None = None,
 ) -> FaceDetector:
+    """The serving detection policy (``shared.detectors.DetectorConfig``: long side 640, no-face fallback
+    at 320 then 200, on every photo that needs it) unless told otherwise."""
     defaults = DetectorConfig()
     config = DetectorConfig(
         score_threshold=defaults.score_threshold if score_threshold is None else score_threshold,
         max_side=defaults.max_side if max_side is None else max_side,
+        fallback_sides=defaults.fallback_sides if fallback_sides is None else fallback_sides,
+        fallback_every=1,  # still photos: retry every one that needs it
         weights_dir=weights_dir if weights_dir is not None else default_weights_dir(),
     )
     return create(name, config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -56,13 +58,23 @@ def reliability(
     return out
 
 
+_LEADING_NUMBER = re.compile(r"^\s*(\d+(?:\.\d+)?)")
+
+
+def natural_key(label: str) -> tuple[float, str]:
+    """Sort key that puts labels starting with a number in numeric order ("0-2", "3-9", "10-19", "70+")
+    and the others after them, alphabetically (group names)."""
+    m = _LEADING_NUMBER.match(label)
+    return (float(m.group(1)), label) if m else (math.inf, label)
+
+
 def breakdown(correct: Sequence[bool], keys: Sequence[str | None]) -> dict[str, dict[str, float | int]]:
-    """{key: {n, accuracy}} for every non-None key."""
+    """{key: {n, accuracy}} for every non-None key, keys in :func:`natural_key` order."""
     acc: dict[str, list[bool]] = defaultdict(list)
     for c, k in zip(correct, keys, strict=True):
         if k is not None:
             acc[k].append(bool(c))
-    return {k: {"n": len(v), "accuracy": float(np.mean(v))} for k, v in sorted(acc.items())}
+    return {k: {"n": len(acc[k]), "accuracy": float(np.mean(acc[k]))} for k in sorted(acc, key=natural_key)}
 
 
 def classification_report(

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from shared.models.archs import ARCHITECTURES, build_model
 from shared.models.artifact import ModelMeta, new_version, publish
 from shared.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION
+from trainer import gate
 from trainer.augment import AugmentConfig, augment
 from trainer.cache import NO_FACE_POLICIES, STATUS_NO_FACE, STATUS_UNREADABLE, build_or_load
 from trainer.data import FORMATS, DatasetError, read_dataset
@@ -112,6 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="gender", help="model name (artifact directory prefix)")
     p.add_argument("--no-publish", action="store_true", help="train and report, publish nothing")
     p.add_argument("--no-current", action="store_true", help="publish without moving the current pointer")
+    gate.add_arguments(p)
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
     p.add_argument(
         "--checkpoint-dir",
@@ -334,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     started = time.time()
     git_commit = _git_commit()  # the code this run starts with (files may change while it trains)
+    gate_settings = gate.settings_from_args(args)  # bad gate flags fail now, not after training
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -695,10 +698,31 @@ def run(args: argparse.Namespace) -> int:
         git_commit=git_commit,
         training={k: v for k, v in training_info.items() if k != "history"},
     )
+    # 6. The promotion gate: judge the new model against the current one on this run's validation
+    # images (trainer/gate.py); it is published either way, and made current only if it passes.
+    val_samples = [catalog.samples[i] for i in split.val.tolist()]
+    baseline = gate.baseline_on_split(
+        args.out,
+        classes,
+        val_samples,
+        catalog.root,
+        detector,
+        args.cache_dir,
+        config["no_face"],
+        device,
+        cache.fingerprint,
+        {k: config[k] for k in ("split_seed", "val_fraction", "test_fraction")},
+        own_crops=(gate.contract(config["input_size"], config["margin"]), crops[torch.from_numpy(split.val)]),
+    )
+    decision = gate.decide(val_report, baseline, gate_settings)
+    full_report["gate"] = decision.to_json()
+    make_current = not args.no_current and (decision.promote or args.ignore_gate)
     extra = {"report.json": to_json(full_report), **plots(report, history)}
-    path = publish(args.out, model.cpu(), meta, make_current=not args.no_current, extra_files=extra)
-    _say(f"published {path}{' (current)' if not args.no_current else ''}")
-    if not args.no_announce and not args.no_current:
+    path = publish(args.out, model.cpu(), meta, make_current=make_current, extra_files=extra)
+    _say(f"published {path}{' (current)' if make_current else ''}")
+    hint = f"genderlens models promote {meta.dirname} --ignore-gate --models-dir {args.out}"
+    _say("\n".join(decision.lines(meta.dirname, make_current, hint)))
+    if not args.no_announce and make_current:
         url = args.redis_url or settings.redis_url.get_secret_value()
         announce(url, meta, settings.redis_timeout_s)
     return 0

@@ -343,7 +343,8 @@ def run_pipeline(
     usage.stop()
     stats = pipeline.stats
     figures = _figures(len(jpegs), stats.faces, seconds, latencies, stats.seconds, usage)
-    figures["detector"] = detector.name if detector_name != "auto" else f"auto ({type(detector).__name__})"
+    backend = getattr(detector, "inner", detector)  # the backend behind the no-face fallback wrapper
+    figures["detector"] = detector.name if detector_name != "auto" else f"auto ({type(backend).__name__})"
     figures["batch_size"] = batch_size
     return figures, outputs
 

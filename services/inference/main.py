@@ -97,6 +97,8 @@ def build_worker(settings: InferenceSettings, stop: threading.Event) -> tuple[Wo
         DetectorConfig(
             score_threshold=settings.detector_score_threshold,
             max_side=settings.detector_max_side,
+            fallback_sides=settings.fallback_sides,
+            fallback_every=settings.detector_fallback_every,
             weights_dir=settings.weights_dir,
             weights_cache_dir=settings.weights_cache_dir,
             device=device,

@@ -31,14 +31,25 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
+from prometheus_client import Counter
 
 from shared.detectors import Detections, DetectorConfig, FaceDetector, create, register
+from shared.detectors.fallback import fallback_stats
 from shared.models.artifact import UNKNOWN, Classifier, label_for
 from shared.preprocess import align_faces, stack_frames
 from shared.schema import Face, SchemaError, check_jpeg
 
 #: Stage names in :class:`StageStats`, in pipeline order.
 STAGES: tuple[str, ...] = ("decode", "detect", "crop", "classify")
+
+#: How often the detector's no-face fallback (shared/detectors/fallback.py) ran, skipped or found a face.
+DETECTOR_FALLBACK = Counter(
+    "genderlens_worker_detector_fallback_total",
+    "Frames with no face at the detection long side, by what the fallback did "
+    "(retried, recovered = a smaller side found a face, skipped_by_budget, too_small)",
+    ["outcome"],
+)
+_FALLBACK_OUTCOMES = ("retried", "recovered", "skipped_by_budget", "too_small")
 
 
 def default_detector(device: str | torch.device, threads: int | None = None) -> str:
@@ -70,6 +81,13 @@ def _auto_detector(config: DetectorConfig) -> FaceDetector:
     return create(default_detector(config.device), config)
 
 
+def applied_threshold(classifier: Classifier, override: float | None) -> float:
+    """The one uncertainty policy: a face is ``uncertain`` below the model's own threshold (chosen on
+    its validation split, in its metadata) unless the worker's setting overrides it. The value travels
+    with each result (``ModelRef.uncertain_threshold``) and the viewer applies it to smoothed labels."""
+    return classifier.meta.uncertain_threshold if override is None else override
+
+
 class DecodeError(ValueError):
     pass
 
@@ -98,6 +116,9 @@ class StageStats:
     batches: int = 0
     frames: int = 0
     faces: int = 0
+    #: frames the detector's no-face fallback ran on, and those where it found a face
+    fallback_retried: int = 0
+    fallback_recovered: int = 0
 
     def add(self, stage: str, started: float) -> float:
         """Add the time since ``started`` (a perf_counter reading) to ``stage``; returns now."""
@@ -108,6 +129,7 @@ class StageStats:
     def reset(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.batches = self.frames = self.faces = 0
+        self.fallback_retried = self.fallback_recovered = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -115,6 +137,8 @@ class StageStats:
             "batches": self.batches,
             "frames": self.frames,
             "faces": self.faces,
+            "fallback_retried": self.fallback_retried,
+            "fallback_recovered": self.fallback_recovered,
         }
 
 
@@ -225,6 +249,7 @@ class Pipeline:
             raise ValueError(f"detector {detector.name} has no detect_tensor: cannot run on the device route")
         self.device_route = device_route
         self.stats = StageStats()
+        self._fallback_seen = dict.fromkeys(_FALLBACK_OUTCOMES, 0)
         # OpenCV (decode, cv2-yunet) gets no more threads than torch was given (the worker's
         # torch_threads): two one-thread workers on two cores must not each run cv2 on both.
         if cv2.getNumThreads() > torch.get_num_threads():
@@ -265,6 +290,7 @@ class Pipeline:
             found = self.detector.detect([images[i] for i in group])
             for i, det in zip(group, found, strict=True):
                 detections[i] = det
+        self._count_fallback()
         started = self.stats.add("detect", started)
         detected_at = time.time()
         with_faces = [i for i, det in enumerate(detections) if len(det)]
@@ -317,6 +343,7 @@ class Pipeline:
             )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # so the detect time is the detector's, not deferred
+            self._count_fallback()
             started = self.stats.add("detect", started)
             detected_at = time.time()
             crops: torch.Tensor | None = None
@@ -348,6 +375,22 @@ class Pipeline:
             )
         it = iter(outputs)
         return [FrameError(str(d)) if isinstance(d, DecodeError) else next(it) for d in decoded]
+
+    def _count_fallback(self) -> None:
+        """Move what the detector's fallback did since the last batch into the stats and metrics."""
+        stats = fallback_stats(self.detector)
+        if stats is None:
+            return
+        now = stats.snapshot()
+        for outcome in _FALLBACK_OUTCOMES:
+            delta = int(now[outcome]) - self._fallback_seen[outcome]
+            if delta:
+                DETECTOR_FALLBACK.labels(outcome).inc(delta)
+                self._fallback_seen[outcome] = int(now[outcome])
+                if outcome == "retried":
+                    self.stats.fallback_retried += delta
+                elif outcome == "recovered":
+                    self.stats.fallback_recovered += delta
 
     # -- shared tail -------------------------------------------------------------------------------
     def _host_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> torch.Tensor:
@@ -393,10 +436,7 @@ class Pipeline:
                 probs = classifier.predict(crops).float().cpu()
             else:
                 probs = torch.zeros((0, len(classes)))
-            threshold = (
-                classifier.meta.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
-            )
-            labels = label_for(probs, classes, threshold)
+            labels = label_for(probs, classes, applied_threshold(classifier, uncertain_threshold))
             prob_rows = probs.tolist()
         self.stats.add("classify", started)
         classified_at = time.time()

@@ -8,6 +8,11 @@ from shared.settings import CommonSettings, ModelPathsMixin
 
 
 class InferenceSettings(ModelPathsMixin, CommonSettings):
+    @property
+    def fallback_sides(self) -> tuple[int, ...]:
+        """``detector_fallback_sides`` as numbers."""
+        return tuple(int(v) for v in self.detector_fallback_sides.split(",") if v.strip())
+
     detector: str = Field(
         "auto",
         description="Face detector backend: cv2-yunet, torch-yunet, or auto = the one measured fastest: "
@@ -16,7 +21,22 @@ class InferenceSettings(ModelPathsMixin, CommonSettings):
     )
     detector_score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet score threshold.")
     detector_max_side: int = Field(
-        640, ge=64, description="Frames are downscaled to this long side for detection."
+        640,
+        ge=64,
+        description="Frames are downscaled to this long side for detection (the one policy: eval and "
+        "the trainer use the same; docs/detection.md).",
+    )
+    detector_fallback_sides: str = Field(
+        "320,200",
+        pattern=r"^\s*(\d+\s*(,\s*\d+\s*)*)?$",
+        description="When no face is found at detector_max_side, retry at these smaller long sides "
+        "(comma-separated, decreasing; empty = no fallback). Large close-up faces are found there.",
+    )
+    detector_fallback_every: int = Field(
+        8,
+        ge=1,
+        description="Retry at most one in this many frames with no face (bounds the cost of an empty "
+        "room to about 1/N of a 40% retry), but every such frame right after a retry found a face.",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when present.")
     torch_threads: int = Field(
@@ -42,7 +62,9 @@ class InferenceSettings(ModelPathsMixin, CommonSettings):
         None,
         ge=0,
         le=1,
-        description="Below this confidence a face is 'uncertain'; unset = the model's own recommended value.",
+        description="Below this confidence a face is 'uncertain'; unset = the model's own threshold "
+        "(its metadata). Results carry the value used, and the viewer applies the same one to its "
+        "smoothed labels: one policy.",
     )
     worker_name: str | None = Field(None, description="Consumer name; default host-pid (unique per process).")
     drain_timeout_s: float = Field(

@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ResponseError
 
 from services.inference.models import ModelManager
-from services.inference.pipeline import FrameError, FrameOutput, Pipeline
+from services.inference.pipeline import FrameError, FrameOutput, Pipeline, applied_threshold
 from services.inference.settings import InferenceSettings
 from shared import constants as C
 from shared.accounting import Accounting
@@ -436,7 +436,15 @@ class Worker:
         if good:
             BATCH.observe(len(good))
             outputs = self._process(good, classifier)
-            model = ModelRef(classifier.meta.name, classifier.meta.version) if classifier else None
+            model = (
+                ModelRef(
+                    classifier.meta.name,
+                    classifier.meta.version,
+                    applied_threshold(classifier, self.settings.uncertain_threshold),
+                )
+                if classifier
+                else None
+            )
             done_at = time.time()
             for (entry, frame), out in zip(good, outputs, strict=True):
                 if isinstance(out, FrameError):

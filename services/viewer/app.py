@@ -219,7 +219,6 @@ def _part(jpeg: bytes) -> bytes:
 def create_app(settings: ViewerSettings) -> FastAPI:
     state = ViewerState(
         frame_buffer=settings.frame_buffer,
-        uncertain_threshold=settings.uncertain_threshold,
         max_faces=settings.max_faces,
         max_tracks=settings.max_tracks,
     )
@@ -628,6 +627,9 @@ def create_app(settings: ViewerSettings) -> FastAPI:
         refused = state.refused_events()
         return {
             "current": state.model,
+            # one uncertainty policy: the threshold the newest result's worker applied (the model's own
+            # unless overridden), which the smoothed labels use too
+            "uncertain_threshold": state.uncertain_threshold,
             "announced": state.model_event,
             "refused": refused[-1] if refused else None,
         }
@@ -660,7 +662,7 @@ def create_app(settings: ViewerSettings) -> FastAPI:
             "worker_list": state.workers,
             "refused": refused[-5:],
             "blur": settings.blur_faces,
-            "uncertain_threshold": settings.uncertain_threshold,
+            "uncertain_threshold": state.uncertain_threshold,  # the model's (from the newest result)
         }
 
     @app.websocket("/ws")

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from services.viewer.appearance import Signature, signatures_from_jpeg
-from services.viewer.tracker import FaceTracker
+from services.viewer.tracker import FaceTracker, threshold_of
 from shared.schema import ModelRef, Result, Timestamps
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,12 @@ Signatures = list[list[Signature | None]]
 
 
 def results_from_clip(
-    clip: Path, models_dir: Path, weights_dir: Path | None, fps: float
+    clip: Path, models_dir: Path, weights_dir: Path | None, fps: float, threshold: float | None = None
 ) -> tuple[list[Result], Signatures]:
     """Run the workers' pipeline (YuNet + current model) on every frame of the clip; sign every face
-    as the viewer does (from the frame as capture publishes it: a JPEG)."""
-    from services.inference.pipeline import Pipeline
+    as the viewer does (from the frame as capture publishes it: a JPEG). ``threshold``: the worker's
+    uncertainty override (None = the model's own), carried by each result as a worker does."""
+    from services.inference.pipeline import Pipeline, applied_threshold
     from shared.detectors import DetectorConfig, create
     from shared.models.artifact import current_dir, load_artifact
 
@@ -124,7 +125,7 @@ def results_from_clip(
         raise SystemExit(f"no current model in {models_dir}: flicker needs a classifier")
     classifier = load_artifact(target, "cpu")
     pipeline = Pipeline(create("cv2-yunet", DetectorConfig(weights_dir=weights_dir)), "cpu")
-    model = ModelRef(classifier.meta.name, classifier.meta.version)
+    model = ModelRef(classifier.meta.name, classifier.meta.version, applied_threshold(classifier, threshold))
     capture = cv2.VideoCapture(str(clip))
     results: list[Result] = []
     signatures: Signatures = []
@@ -133,7 +134,7 @@ def results_from_clip(
 
     def flush() -> None:
         nonlocal seq
-        outputs = pipeline.run(batch, classifier, None)
+        outputs = pipeline.run(batch, classifier, threshold)
         for image, out in zip(batch, outputs, strict=True):
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
             signatures.append(
@@ -287,7 +288,6 @@ def out_of_order(
 def measure(
     results: list[Result],
     fps: float,
-    threshold: float,
     window: int,
     truth: list[str] | None = None,
     frames_per_photo: int = 0,
@@ -295,23 +295,25 @@ def measure(
 ) -> dict[str, Any]:
     sigs: Signatures = signatures if signatures is not None else [[] for _ in results]
     kw: dict[str, Any] = {"truth": truth, "frames_per_photo": frames_per_photo, "signatures": sigs}
-    # Before smoothing, two baselines: the worker's own per-frame label (its model's threshold), and
-    # the viewer's rule applied to each frame alone (same threshold, window of 1, no hysteresis).
-    worker = replay(results, FaceTracker(threshold, smooth=False), fps, **kw)
-    raw = replay(results, FaceTracker(threshold, window=1, hysteresis=0.0), fps, **kw)
-    smooth = replay(results, FaceTracker(threshold, window=window), fps, **kw)
+    # Before smoothing, two baselines: the worker's own per-frame label, and the viewer's rule applied to
+    # each frame alone (window of 1, no hysteresis). Every replay uses the threshold the results carry
+    # (one policy: the model's, or the worker's override).
+    threshold = threshold_of(results[0]) if results else None
+    worker = replay(results, FaceTracker(smooth=False), fps, **kw)
+    raw = replay(results, FaceTracker(window=1, hysteresis=0.0), fps, **kw)
+    smooth = replay(results, FaceTracker(window=window), fps, **kw)
     late, late_sigs = out_of_order(results, sigs)
-    shuffled = replay(late, FaceTracker(threshold, window=window), fps, **{**kw, "signatures": late_sigs})
+    shuffled = replay(late, FaceTracker(window=window), fps, **{**kw, "signatures": late_sigs})
     # The same without the identity checks (a track keeps whatever face takes its place), as before.
-    before = replay(results, FaceTracker(threshold, window=window, new_identity=False), fps, **kw)
+    before = replay(results, FaceTracker(window=window, new_identity=False), fps, **kw)
     shuffled_before = replay(
         late,
-        FaceTracker(threshold, window=window, new_identity=False),
+        FaceTracker(window=window, new_identity=False),
         fps,
         **{**kw, "signatures": late_sigs},
     )
     # Identity checks from the class probabilities alone (no frame at hand for the signatures).
-    probs_only = replay(results, FaceTracker(threshold, window=window), fps, **{**kw, "signatures": None})
+    probs_only = replay(results, FaceTracker(window=window), fps, **{**kw, "signatures": None})
     return {
         "frames": len(results),
         "faces": sum(len(r.faces) for r in results),
@@ -346,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="film every photo in the same place (each person replaces the last)",
     )
-    parser.add_argument("--threshold", type=float, default=0.6, help="viewer uncertain_threshold")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="override the model's uncertainty threshold, as the worker's GENDERLENS_UNCERTAIN_THRESHOLD "
+        "does (default: the model's own)",
+    )
     parser.add_argument("--window", type=int, default=15, help="smoothing window (frames)")
     parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
     parser.add_argument("--json-out", type=Path, default=Path("test-artifacts/flicker.json"))
@@ -363,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         scale=args.scale,
         same_place=args.cuts,
     )
-    results, signatures = results_from_clip(args.clip, args.models_dir, args.weights_dir, args.fps)
+    results, signatures = results_from_clip(
+        args.clip, args.models_dir, args.weights_dir, args.fps, args.threshold
+    )
     truth = [p.relative_to(args.eval_dir).parts[0] for p in photos]  # eval/<gender>/...
     per_photo = round(args.fps * args.seconds_per_photo)
-    report = measure(results, args.fps, args.threshold, args.window, truth, per_photo, signatures)
+    report = measure(results, args.fps, args.window, truth, per_photo, signatures)
     report["scale"] = args.scale
     report["cuts_in_place"] = args.cuts
     report["photos"] = [str(p.relative_to(args.eval_dir)) for p in photos]

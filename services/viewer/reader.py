@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from services.viewer import metrics as M
 from services.viewer.appearance import signatures_from_jpeg
 from services.viewer.state import ViewerState
+from services.viewer.tracker import threshold_of
 from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import (
@@ -232,6 +233,7 @@ class Reader:
         self.state.model = (
             {"name": result.model.name, "version": result.model.version} if result.model else None
         )
+        self.state.uncertain_threshold = threshold_of(result) if result.model else None
         if len(self.state.subscribers):
             self.state.subscribers.publish(
                 {

@@ -36,9 +36,6 @@ class ViewerSettings(CommonSettings):
     blur_faces: bool = Field(
         False, description="Blur every face in the served video (detections still counted)."
     )
-    uncertain_threshold: float = Field(
-        0.6, ge=0, le=1, description="Smoothed confidence below which a track is labelled 'uncertain'."
-    )
     stream_fps: float = Field(15.0, gt=0, le=60, description="Most MJPEG frames per second per client.")
     jpeg_quality: int = Field(80, ge=30, le=100, description="JPEG quality of the annotated stream.")
     frame_buffer: int = Field(64, ge=2, description="Recent frames kept per camera to annotate.")

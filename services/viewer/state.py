@@ -238,7 +238,6 @@ class Subscribers:
 @dataclass
 class ViewerState:
     frame_buffer: int
-    uncertain_threshold: float
     max_faces: int = 128
     max_tracks: int = 256
     cameras: dict[str, CameraView] = field(default_factory=dict)
@@ -248,6 +247,8 @@ class ViewerState:
     events: deque[tuple[str, Event]] = field(default_factory=lambda: deque(maxlen=50))
     workers: list[dict[str, Any]] = field(default_factory=list)
     model: dict[str, Any] | None = None  #: model seen in the newest result of any camera
+    #: the uncertainty threshold that newest result's worker applied (what the smoothed labels use)
+    uncertain_threshold: float | None = None
     model_event: dict[str, Any] | None = None  #: newest announcement on the model events stream
     subscribers: Subscribers = field(default_factory=Subscribers)
     #: camera id -> when its removal was requested (from the camera requests stream, any viewer)
@@ -257,7 +258,7 @@ class ViewerState:
     def camera(self, camera_id: str) -> CameraView:
         view = self.cameras.get(camera_id)
         if view is None:
-            tracker = FaceTracker(self.uncertain_threshold, max_tracks=self.max_tracks)
+            tracker = FaceTracker(max_tracks=self.max_tracks)
             view = CameraView(camera_id, self.frame_buffer, tracker, max_faces=self.max_faces)
             self.cameras[camera_id] = view
         return view

@@ -8,9 +8,14 @@ probabilities to the track, but never moves a track's box backwards in time.
 
 Smoothing: each track keeps the class probabilities of its last ``window`` observations; the label
 shown is the arg-max of their mean (a soft vote, insensitive to the order they arrived in), and
-``uncertain`` when that mean is below ``uncertain_threshold``. A small hysteresis (``hysteresis``) is
+``uncertain`` when that mean is below the uncertainty threshold. A small hysteresis (``hysteresis``) is
 needed to *leave* ``uncertain`` or switch class, so a confidence hovering on the threshold does not
 make the label blink.
+
+One uncertainty policy: the threshold is the one the worker applied to the result's own labels, which
+the result carries (``result.model.uncertain_threshold``: the model's threshold from its metadata, or
+the worker's override), so the smoothed label and the per-frame label use the same value. Only results
+from workers older than that field fall back to the tracker's ``uncertain_threshold``.
 
 A new face in the same place (a cut; one person leaves and another sits down) must not inherit the
 previous person's smoothed label, so a matched face starts a new track when its identity changed:
@@ -49,6 +54,9 @@ UNCERTAIN: Final = "uncertain"
 UNKNOWN: Final = "unknown"
 #: What the viewer shows for faces that come from a worker without a model.
 NO_MODEL: Final = "no model"
+#: For results that do not say which threshold their worker used (workers older than
+#: ``ModelRef.uncertain_threshold``): the artifact format's default threshold.
+DEFAULT_UNCERTAIN_THRESHOLD: Final = 0.6
 
 Box = tuple[float, float, float, float]
 
@@ -113,6 +121,13 @@ class Track:
     previous: Track | None = None
 
 
+def threshold_of(result: Result, default: float = DEFAULT_UNCERTAIN_THRESHOLD) -> float:
+    """The uncertainty threshold the result's worker applied (see the module doc)."""
+    if result.model is not None and result.model.uncertain_threshold is not None:
+        return result.model.uncertain_threshold
+    return default
+
+
 def _top(probs: dict[str, float]) -> tuple[str, float]:
     if not probs:
         return UNKNOWN, 0.0
@@ -125,7 +140,7 @@ class FaceTracker:
 
     def __init__(
         self,
-        uncertain_threshold: float = 0.6,
+        uncertain_threshold: float = DEFAULT_UNCERTAIN_THRESHOLD,
         *,
         window: int = 15,
         iou_threshold: float = 0.3,
@@ -139,6 +154,7 @@ class FaceTracker:
         switch_confidence: float = 0.8,
         new_identity: bool = True,
     ) -> None:
+        #: used only for results that do not carry their worker's threshold (older workers)
         self.uncertain_threshold = uncertain_threshold
         self.window = window
         self.iou_threshold = iou_threshold
@@ -187,6 +203,7 @@ class FaceTracker:
         )
 
         matched = self._match(result.faces, seq)
+        threshold = threshold_of(result, self.uncertain_threshold)
         out: list[TrackedFace] = []
         for fi, face in enumerate(result.faces):
             track = matched.get(fi)
@@ -220,11 +237,11 @@ class FaceTracker:
                     and before.signature is not None
                     and similarity(sig, before.signature) >= self.appearance_threshold
                 ):
-                    out.append(self._observe(before, face))
+                    out.append(self._observe(before, face, threshold))
                 else:
                     out.append(self._alone(track.track_id, face))
                 continue
-            out.append(self._observe(track, face))
+            out.append(self._observe(track, face, threshold))
         if len(self.tracks) > self.max_tracks:
             self.tracks.sort(key=lambda t: t.last_seq)
             self.evicted += len(self.tracks) - self.max_tracks
@@ -298,7 +315,7 @@ class FaceTracker:
             track_id, face.box, face.score, raw_label, raw_conf, raw_label, raw_conf, face.probs
         )
 
-    def _observe(self, track: Track, face: Face) -> TrackedFace:
+    def _observe(self, track: Track, face: Face, threshold: float) -> TrackedFace:
         track.hits += 1
         raw_label = face.label
         raw_conf = face.probs.get(raw_label, _top(face.probs)[1]) if face.probs else 0.0
@@ -319,10 +336,10 @@ class FaceTracker:
         current = track.label
         if current == best:
             # Keep the class while it stays above the threshold itself.
-            label = best if conf >= self.uncertain_threshold else UNCERTAIN
-        elif conf >= self.uncertain_threshold + self.hysteresis:
+            label = best if conf >= threshold else UNCERTAIN
+        elif conf >= threshold + self.hysteresis:
             label = best  # switching (or leaving "uncertain") needs a clear margin
-        elif current in mean and mean[current] >= self.uncertain_threshold:
+        elif current in mean and mean[current] >= threshold:
             label = current
         else:
             label = UNCERTAIN

@@ -3,6 +3,12 @@
 A backend module registers itself with ``@register("name")``; ``create(name, config)`` builds one and an
 unknown name is a clear error at start-up. Backends whose dependencies are heavy (torch) are imported
 lazily by name so a service that never asks for them never imports them.
+
+Detection policy (one for every caller: worker, eval, the trainer's crop cache): frames are downscaled to
+``max_side`` (640) on the long side; when no face is found there, ``create`` wraps the backend so that the
+frame is tried again at the smaller ``fallback_sides`` (320, then 200), where large close-up faces that
+score low at 640 are found. ``fallback_every`` bounds what that costs a live camera whose frames are mostly
+empty (see :mod:`shared.detectors.fallback`; measurements in docs/detection.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+#: Smaller long sides tried when nothing is found at ``max_side`` (docs/detection.md: measured on the
+#: face-found rate and speed, never on labels).
+DEFAULT_FALLBACK_SIDES: tuple[int, ...] = (320, 200)
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -27,6 +37,14 @@ class DetectorConfig:
     #: Frames are downscaled so their long side is at most this before detection (large faces score
     #: low at full size; 640 is YuNet's training scale). Boxes are mapped back to frame pixels.
     max_side: int = 640
+    #: When nothing is found at ``max_side``, try again at these smaller long sides, in order, until a
+    #: face is found (a side not below the long side already tried is skipped, so sides >= max_side
+    #: never run). () = no fallback.
+    fallback_sides: tuple[int, ...] = DEFAULT_FALLBACK_SIDES
+    #: Run the fallback on at most one in this many frames that have no face at ``max_side``, except right
+    #: after it found a face (then on every empty frame until it fails this many times in a row).
+    #: 1 = every empty frame (still photos); the live worker sets more (an empty room is the common case).
+    fallback_every: int = 1
     weights_dir: Path | None = None
     weights_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "genderlens" / "weights")
     device: str = "cpu"
@@ -87,11 +105,28 @@ def available() -> list[str]:
 
 
 def create(name: str, config: DetectorConfig) -> FaceDetector:
+    """Build the backend ``name``, wrapped with the no-face fallback when ``config.fallback_sides``."""
     if name not in _REGISTRY and name in _LAZY:
         importlib.import_module(_LAZY[name])
     if name not in _REGISTRY:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](config)
+    _check_policy(config)
+    detector = _REGISTRY[name](config)
+    from shared.detectors.fallback import FallbackDetector, with_fallback
+
+    if config.fallback_sides and not isinstance(detector, FallbackDetector):
+        return with_fallback(detector)
+    return detector
+
+
+def _check_policy(config: DetectorConfig) -> None:
+    sides = config.fallback_sides
+    if config.max_side < 32:
+        raise ValueError(f"detector max_side {config.max_side} is too small (at least 32)")
+    if any(s < 32 for s in sides) or list(sides) != sorted(set(sides), reverse=True):
+        raise ValueError(f"detector fallback sides {sides} must be distinct, >= 32 and decreasing")
+    if config.fallback_every < 1:
+        raise ValueError(f"detector fallback_every must be >= 1, not {config.fallback_every}")
 
 
 def resize_for_detection(image: npt.NDArray[np.uint8], max_side: int) -> tuple[npt.NDArray[np.uint8], float]:

@@ -32,11 +32,15 @@ class Cv2YuNet:
         self._lock = threading.Lock()
         self._size: tuple[int, int] | None = None
 
-    def detect(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Detections]:
-        return [self._detect_one(image) for image in images]
+    def detect(
+        self, images: Sequence[npt.NDArray[np.uint8]], max_side: int | None = None
+    ) -> list[Detections]:
+        """``max_side``: detect at this long side instead of the config's (the no-face fallback)."""
+        side = self.config.max_side if max_side is None else max_side
+        return [self._detect_one(image, side) for image in images]
 
-    def _detect_one(self, image: npt.NDArray[np.uint8]) -> Detections:
-        small, scale = resize_for_detection(image, self.config.max_side)
+    def _detect_one(self, image: npt.NDArray[np.uint8], max_side: int) -> Detections:
+        small, scale = resize_for_detection(image, max_side)
         height, width = small.shape[:2]
         with self._lock:
             if self._size != (width, height):

@@ -413,20 +413,24 @@ class TorchYuNet:
 
     # -- numpy API (the FaceDetector protocol)
 
-    def detect(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Detections]:
+    def detect(
+        self, images: Sequence[npt.NDArray[np.uint8]], max_side: int | None = None
+    ) -> list[Detections]:
         """Detect faces in BGR uint8 frames (HxWx3, sizes may differ) as one batch.
 
         Each frame is downscaled as the cv2 backend does (long side <= max_side, INTER_AREA) and put at
-        the top-left of a shared zero canvas; results are in each frame's own pixels.
+        the top-left of a shared zero canvas; results are in each frame's own pixels. ``max_side``:
+        this long side instead of the config's (the no-face fallback).
         """
         if not images:
             return []
+        side = self.config.max_side if max_side is None else max_side
         smalls: list[npt.NDArray[np.uint8]] = []
         boxes: list[Letterbox] = []
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected HxWx3 BGR images, got shape {image.shape}")
-            small, scale = resize_for_detection(image, self.config.max_side)
+            small, scale = resize_for_detection(image, side)
             smalls.append(small)
             boxes.append(Letterbox(scale))
         canvas_h = pad_to_divisor(max(s.shape[0] for s in smalls))
@@ -446,6 +450,7 @@ class TorchYuNet:
         frames: torch.Tensor,
         sizes: Sequence[tuple[int, int]] | None = None,
         channel_order: Literal["bgr", "rgb"] = "bgr",
+        max_side: int | None = None,
     ) -> list[TensorDetections]:
         """Detect faces in a uint8 batch [B, 3, H, W] (BGR unless ``channel_order="rgb"``).
 
@@ -453,7 +458,9 @@ class TorchYuNet:
         top-left of one tensor (default: all H x W). Each frame is downscaled on the device so its long
         side is <= max_side (antialiased bilinear, close to but not bit-equal with cv2's INTER_AREA) and
         letterboxed onto a common canvas. Returns tensors on the model's device in frame pixels.
+        ``max_side``: this long side instead of the config's (the no-face fallback).
         """
+        side = self.config.max_side if max_side is None else max_side
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(frames.shape)}")
         batch, _, height, width = frames.shape
@@ -473,7 +480,7 @@ class TorchYuNet:
         for h, w in sizes:
             if not (0 < h <= height and 0 < w <= width):
                 raise ValueError(f"frame size {(h, w)} outside the {height}x{width} batch")
-            scale = min(1.0, self.config.max_side / max(h, w))
+            scale = min(1.0, side / max(h, w))
             boxes.append(Letterbox(scale))
             scaled.append((round(h * scale), round(w * scale)) if scale < 1.0 else (h, w))
         canvas_h = pad_to_divisor(max(h for h, _ in scaled))
