@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
+from services.capture.spec import SOURCE_DIRS_HELP, SourceDirs, default_source_dirs
 from shared.settings import CommonSettings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -31,6 +32,13 @@ class ViewerSettings(CommonSettings):
         3.0, gt=0, description="A camera without frames for this long shows 'no signal'."
     )
     allow_camera_control: bool = Field(True, description="Allow POST/DELETE /api/cameras.")
+    source_dirs: SourceDirs = Field(default_factory=default_source_dirs, description=SOURCE_DIRS_HELP)
+    camera_request_key: SecretStr | None = Field(
+        None,
+        description="Set by `genderlens up` for its viewer: the key that seals the credentials of a "
+        "source added through the API (rtsp://user:password@...), so they never reach Redis in the "
+        "clear. Without it such sources are refused.",
+    )
 
     @model_validator(mode="after")
     def _token_off_localhost(self) -> ViewerSettings:
