@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import logging
@@ -38,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -391,29 +392,18 @@ def _check_children_settings(
     from services.inference.main import load_settings as infer_settings
     from services.viewer.main import load_settings as viewer_settings
 
-    checks: list[tuple[str, Any]] = [
-        (
-            "viewer",
-            lambda: viewer_settings(
-                argparse.Namespace(host=settings.host, port=settings.port, redis_url=redis_url)
+    unset = dict.fromkeys(("detector", "device", "batch_size", "worker_name", "metrics_port"))
+    checks: dict[str, Callable[[], object]] = {
+        "viewer": functools.partial(
+            viewer_settings, argparse.Namespace(host=settings.host, port=settings.port, redis_url=redis_url)
+        ),
+        "workers": functools.partial(
+            infer_settings,
+            argparse.Namespace(
+                redis_url=redis_url, models_dir=settings.models_dir, weights_dir=settings.weights_dir, **unset
             ),
         ),
-        (
-            "workers",
-            lambda: infer_settings(
-                argparse.Namespace(
-                    redis_url=redis_url,
-                    models_dir=settings.models_dir,
-                    weights_dir=settings.weights_dir,
-                    detector=None,
-                    device=None,
-                    batch_size=None,
-                    worker_name=None,
-                    metrics_port=None,
-                )
-            ),
-        ),
-    ]
+    }
     for cam in cameras:
         ns = argparse.Namespace(
             source=cam.spec.target,
@@ -423,8 +413,8 @@ def _check_children_settings(
             redis_url=redis_url,
             metrics_port=None,
         )
-        checks.append((f"capture-{cam.camera_id}", lambda ns=ns: capture_settings(ns)))
-    for name, check in checks:
+        checks[f"capture-{cam.camera_id}"] = functools.partial(capture_settings, ns)
+    for name, check in checks.items():
         try:
             check()
         except SystemExit as exc:
@@ -495,9 +485,11 @@ def _up(
     cameras = _cameras(args.source or settings.sources or ["0"])
     _check_children_settings(settings, cameras, given_url or "redis://127.0.0.1:6379/0", args)
     _check_port(settings.host, settings.port)
-    redis_url = _start_redis(stack) if given_url is None else given_url
-    if given_url is not None:
+    if given_url is None:
+        redis_url = _start_redis(stack)
+    else:
         _connect_redis(given_url, settings.redis_timeout_s)
+        redis_url = given_url
     log.info("redis: %s", redact_url(redis_url))
 
     key = new_key()  # seals credentials of sources added through the API (viewer -> Redis -> us)

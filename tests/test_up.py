@@ -438,3 +438,20 @@ def test_up_refuses_an_api_request_outside_the_allowed_folders(
         rdb.close()
         wait_until(lambda: "refusing camera pw" in up.text(), 30, "the refusal in up's log")
         assert not any("pw" in c.cmdline() for c in up.children() if c.is_running())
+
+
+def test_private_redis_is_its_own_and_keeps_no_folder() -> None:
+    """The Redis `up` starts: its folder is gone once it answers (nothing to leave behind), and a port
+    already served by another Redis is never mistaken for its own."""
+    from shared.redis_server import RedisServer, RedisServerError
+
+    with RedisServer() as server:
+        assert server.process is not None
+        proc = psutil.Process(server.process.pid)
+        workdir = proc.cwd().removesuffix(" (deleted)")
+        assert "genderlens-redis-" in workdir and not Path(workdir).exists()
+        other = RedisServer(port=server.port)
+        with pytest.raises(RedisServerError, match="another Redis"):
+            other.start()
+        assert redis.Redis(port=server.port).ping()  # the first one is untouched
+    assert not proc.is_running()
