@@ -1,13 +1,16 @@
 """Process plumbing every service shares: logging set-up, one stop event wired to SIGTERM/SIGINT,
-the worker/consumer name, and the optional Prometheus /metrics server."""
+the worker/consumer name, the optional Prometheus /metrics server, and children that die with their
+parent."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -46,3 +49,29 @@ def start_metrics_server(host: str, port: int) -> None:
 
     start_http_server(port, addr=host)
     log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` (Linux; None elsewhere): the child gets ``sig`` when
+    its parent dies, even by SIGKILL, so nothing is left orphaned.
+
+    The kernel sends it when the *thread* that forked the child exits, not the process: start such
+    children from the main thread (or one that lives as long as the process), never from a
+    short-lived thread such as a ``threading.Timer``. libc is looked up here, in the parent, so that
+    the child only makes two system calls between fork and exec; if the parent died before the
+    child asked, the child sees a new parent pid and exits at once."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec

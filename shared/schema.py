@@ -464,13 +464,16 @@ CAMERA_REQUEST_ACTIONS: Final = ("add", "remove")
 @dataclass(frozen=True, slots=True)
 class CameraRequest(_Message):
     """Asks the supervisor (``genderlens up``) to start or stop a capture process; written by the
-    viewer API to ``CAMERA_REQUESTS_STREAM``. ``source`` is the capture source spec ("" for remove)."""
+    viewer API to ``CAMERA_REQUESTS_STREAM``. ``source`` is the capture source spec ("" for remove),
+    with any credentials masked; ``sealed`` holds the whole spec sealed for ``up``
+    (``shared.credentials.seal``) when it has credentials, else ""."""
 
     KIND: ClassVar[str] = "camera_request"
     action: str  #: "add" | "remove"
     camera_id: str
     source: str
     at: float
+    sealed: str = ""
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, Any]) -> Self:
@@ -483,9 +486,13 @@ class CameraRequest(_Message):
             raise SchemaError(f"{cls.KIND}: an add request needs a source")
         if len(source) > 4096:
             raise SchemaError(f"{cls.KIND}: source spec too long")
+        sealed = obj.get("sealed", "")  # optional: requests written before it existed have none
+        if not isinstance(sealed, str) or len(sealed) > 16384:
+            raise SchemaError(f"{cls.KIND}: 'sealed' must be a string of at most 16384 characters")
         return cls(
             action=action,
             camera_id=_camera_id(obj, cls.KIND),
             source=source,
             at=float(_req(obj, "at", (float, int), cls.KIND)),
+            sealed=sealed,
         )

@@ -24,6 +24,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from shared import constants as C
+from shared.credentials import redact_url as redact_url  # re-exported: the one redaction function
 from shared.schema import Event
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,6 @@ def connect(url: str, timeout_s: float = 5.0, name: str | None = None) -> redis.
         decode_responses=False,
     )
     return client
-
-
-def redact_url(url: str) -> str:
-    """``redis://:secret@host:6379/0`` -> ``redis://***@host:6379/0`` for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 @dataclass

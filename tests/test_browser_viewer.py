@@ -202,6 +202,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         "GENDERLENS_TORCH_THREADS": "1",
         "GENDERLENS_SLIDE_SECONDS": "1.5",
         "GENDERLENS_LOG_LEVEL": "INFO",
+        "GENDERLENS_SOURCE_DIRS": str(media),  # the web form adds a folder from here
         "PYTHONUNBUFFERED": "1",
     }
     for key in ("GENDERLENS_VIEWER_TOKEN", "GENDERLENS_BLUR_FACES", "GENDERLENS_HOST", "GENDERLENS_PORT"):

@@ -505,7 +505,9 @@ def _settings_fields() -> dict[str, set[str]]:
 NOT_PASSED = {
     "inference": {"GENDERLENS_WORKER_NAME", "GENDERLENS_WEIGHTS_CACHE_DIR"},
     "capture": set(),
-    "viewer": set(),
+    # Camera control needs `genderlens up`, which compose does not run: the allowed folders of API
+    # file sources have nothing to restrict there, and the sealing key is made by `up` for its viewer.
+    "viewer": {"GENDERLENS_SOURCE_DIRS", "GENDERLENS_CAMERA_REQUEST_KEY"},
 }
 
 

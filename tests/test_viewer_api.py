@@ -219,7 +219,9 @@ def test_camera_ids_are_validated_everywhere(rdb: redis.Redis) -> None:
 def test_add_and_remove_camera_requests(rdb: redis.Redis, tmp_path: Any) -> None:
     folder = tmp_path / "clip"
     folder.mkdir()
-    with TestClient(create_app(settings())) as client:
+    cv2.imwrite(str(folder / "a.jpg"), np.full((40, 60, 3), 128, np.uint8))  # a folder capture can play
+    folder = folder.resolve()  # requests carry the checked, resolved path
+    with TestClient(create_app(settings(source_dirs=[tmp_path]))) as client:
         r = client.post("/api/cameras", json={"source": str(folder), "camera_id": "door"})
         assert r.status_code == 202, r.text
         body = r.json()

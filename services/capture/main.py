@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
-        help="0 / webcam:N, video file, rtsp:// or http(s):// URL, or image folder (env GENDERLENS_SOURCE)",
+        help="0 / webcam:N, video file, rtsp:// or http(s):// URL, or image folder (env GENDERLENS_SOURCE, "
+        "which keeps a URL's password out of ps)",
     )
     parser.add_argument("--camera-id", help="camera id slug (default: derived from the source)")
     parser.add_argument("--fps", type=float, help="frames per second to publish (default 15)")
@@ -26,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = CaptureSettings.load(
+def load_settings(args: argparse.Namespace) -> CaptureSettings:
+    """Settings from the environment and flags (``genderlens up`` validates children with this too).
+    The source is best given in the environment (GENDERLENS_SOURCE): ``ps`` shows every process's
+    command line, with any password in a URL."""
+    return CaptureSettings.load(
         "capture",
         source=args.source,
         camera_id=args.camera_id,
@@ -36,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         metrics_port=args.metrics_port,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
     setup_logging(settings.log_level)
     try:
         spec = parse_source(settings.source)

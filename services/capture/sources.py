@@ -1,14 +1,14 @@
 """Frame sources behind one small protocol and a registry keyed by kind.
 
-A source spec is parsed once (:func:`parse_source`) into a :class:`SourceSpec`; ``open_source`` builds
-the registered backend for its kind. Kinds: ``webcam`` (``0`` / ``webcam:0``), ``file`` (a video
-file), ``stream`` (``rtsp://``, ``http(s)://``) and ``folder`` (a folder of images, a slideshow).
+A source spec is parsed once (:func:`parse_source`, in ``spec.py``: the contract shared with ``up`` and
+the viewer) into a :class:`SourceSpec`; ``open_source`` builds the registered backend for its kind.
+Kinds: ``webcam`` (``0`` / ``webcam:0``), ``file`` (a video file), ``stream`` (``rtsp://``,
+``http(s)://``) and ``folder`` (a folder of images, a slideshow).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,73 +19,28 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from shared.constants import is_valid_camera_id
+from services.capture.spec import (
+    IMAGE_SUFFIXES,
+    SourceError,
+    SourceSpec,
+    parse_source,
+    slugify,
+)
+
+__all__ = [
+    "FrameSource",
+    "SourceError",
+    "SourceOptions",
+    "SourceSpec",
+    "open_source",
+    "parse_source",
+    "register_source",
+    "slugify",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
 Image = npt.NDArray[np.uint8]
-
-
-class SourceError(RuntimeError):
-    """A source that cannot be opened or read; the message names the spec and what to do."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    kind: str  #: registry key: webcam | file | stream | folder
-    target: str  #: device index, path or URL
-    spec: str  #: what the user typed
-
-    @property
-    def default_camera_id(self) -> str:
-        if self.kind == "webcam":
-            return f"webcam{self.target}"
-        if self.kind == "stream":
-            text = re.sub(r"^[a-z]+://", "", self.target)
-            text = text.split("@")[-1]  # never put credentials into an id
-        else:
-            text = Path(self.target).stem if self.kind == "file" else Path(self.target).name
-        return slugify(text)
-
-    @property
-    def is_live(self) -> bool:
-        return self.kind in ("webcam", "stream")
-
-    def redacted(self) -> str:
-        """The spec with any URL credentials masked, for logs and the camera registry."""
-        return re.sub(r"://[^/@]*@", "://***@", self.spec)
-
-
-def slugify(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:63] or "camera"
-    if not slug[0].isalnum():
-        slug = "c" + slug[:62]
-    assert is_valid_camera_id(slug), slug
-    return slug
-
-
-def parse_source(spec: str) -> SourceSpec:
-    text = spec.strip()
-    if not text:
-        raise SourceError("empty --source")
-    if re.fullmatch(r"\d+", text):
-        return SourceSpec("webcam", text, spec)
-    match = re.fullmatch(r"webcam:(\d+)", text)
-    if match:
-        return SourceSpec("webcam", match.group(1), spec)
-    if re.match(r"^(rtsp|rtsps|rtmp|http|https)://", text, re.IGNORECASE):
-        return SourceSpec("stream", text, spec)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return SourceSpec("folder", str(path), spec)
-    if path.is_file():
-        return SourceSpec("file", str(path), spec)
-    raise SourceError(
-        f"--source {spec!r}: not a webcam index (0, webcam:0), an rtsp:// or http(s):// URL, "
-        "an existing video file or an existing folder of images"
-    )
 
 
 class FrameSource(Protocol):

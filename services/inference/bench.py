@@ -393,7 +393,7 @@ class WorkerSpec:
     results_maxlen: int
     name: str
     warmup_jpeg: bytes
-    staleness_ms: int = 500
+    staleness_ms: int
 
 
 def _worker_main(spec: WorkerSpec, stop_evt: MpEvent, ready_evt: MpEvent, out: Any) -> None:
@@ -553,6 +553,40 @@ class SystemConfig:
     frames_maxlen: int = 120
 
 
+#: Closed-loop (max rate) runs measure throughput: the publisher keeps frames queued on purpose, so a
+#: frame's age there is queueing the bench made, not staleness; a worker slowed by a busy machine must
+#: not drop them (that made the figures, and the test, depend on the load).
+CLOSED_LOOP_STALENESS_MS = 3_600_000
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
+def _wait_started(procs: Sequence[Any], readies: Sequence[MpEvent], stall_s: float) -> None:
+    """Wait until every worker is ready (detector built, model loaded, warmed up).
+
+    No fixed deadline: on a busy machine a worker may take minutes to import torch and warm up, and
+    that is not a failure. A worker fails to start when it exits, or when it has used no CPU at all for
+    ``stall_s`` (stuck, not slow)."""
+    for ready, proc in zip(readies, procs, strict=True):
+        cpu, progressed = _cpu_seconds(proc.pid), time.monotonic()
+        while not ready.wait(0.5):
+            if not proc.is_alive():
+                raise RuntimeError(f"bench worker failed to start (exit code {proc.exitcode})")
+            now_cpu = _cpu_seconds(proc.pid)
+            if now_cpu is not None and now_cpu != cpu:
+                cpu, progressed = now_cpu, time.monotonic()
+            elif time.monotonic() - progressed > stall_s:
+                raise RuntimeError(f"bench worker stuck while starting: no CPU used for {stall_s:.0f}s")
+
+
 def run_system(
     cfg: SystemConfig,
     jpegs: Sequence[bytes],
@@ -560,9 +594,12 @@ def run_system(
     threads: int,
     rate_fps: float | None = None,
     seconds: float = 10.0,
-    timeout_s: float = 300.0,
+    stall_s: float = 300.0,
 ) -> dict[str, Any]:
-    """One run of publisher -> ``workers`` worker processes -> results, on a fresh throw-away Redis."""
+    """One run of publisher -> ``workers`` worker processes -> results, on a fresh throw-away Redis.
+
+    ``stall_s``: give up when nothing progresses for this long (a starting worker uses no CPU, or no
+    frame is answered), never merely because the machine is slow."""
     from shared import constants as C
     from shared.redis_server import RedisServer
     from shared.schema import CameraInfo, Result
@@ -598,7 +635,7 @@ def run_system(
                 jpegs[0],
                 # The closed loop measures throughput: every frame must be answered, however late.
                 # The fixed-rate run is live video, under the live staleness budget.
-                cfg.staleness_ms if rate_fps is not None else 24 * 3600 * 1000,
+                cfg.staleness_ms if rate_fps is not None else CLOSED_LOOP_STALENESS_MS,
             )
             proc = ctx.Process(target=_worker_main, args=(spec, stop_evt, ready, out), daemon=True)
             proc.start()
@@ -621,11 +658,7 @@ def run_system(
         )
         publisher.start()
         try:
-            deadline = time.monotonic() + timeout_s
-            for ready, proc in zip(readies, procs, strict=True):
-                while not ready.wait(0.2):
-                    if not proc.is_alive() or time.monotonic() > deadline:
-                        raise RuntimeError(f"bench worker failed to start (exit code {proc.exitcode})")
+            _wait_started(procs, readies, stall_s)
             time.sleep(0.3)  # let every worker reach its blocking read
             assert server.process is not None
             pids = [p.pid for p in procs if p.pid is not None]
@@ -633,6 +666,7 @@ def run_system(
             side = Usage([publisher.pid or 0, server.process.pid]).start()
             go_evt.set()
             t_start = time.time()
+            answered, progressed = -1, time.monotonic()
             while True:  # until every frame is accounted for
                 pipe = client.pipeline(transaction=False)
                 for cam in cameras:
@@ -642,7 +676,9 @@ def run_system(
                 done = sum(int(v or 0) for row in pipe.execute() for v in row)
                 if done >= n_frames:
                     break
-                if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+                if done != answered:
+                    answered, progressed = done, time.monotonic()
+                if time.monotonic() - progressed > stall_s or not all(p.is_alive() for p in procs):
                     raise RuntimeError(f"system run stalled: {done}/{n_frames} frames answered")
                 time.sleep(0.02)
             usage.stop()
@@ -697,6 +733,7 @@ def run_system(
             "counters": counters,
             "stale_results": sum(lat > cfg.staleness_ms for lat in latencies),
             "staleness_ms": cfg.staleness_ms,
+            "worker_staleness_ms": cfg.staleness_ms if rate_fps is not None else None,
             "max_latency_ms": round(max(latencies), 2) if latencies else None,
             "results_per_camera": {cam: len(v) for cam, v in seqs.items()},
             "no_duplicate_results": seq_ok,

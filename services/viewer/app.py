@@ -109,6 +109,41 @@ def _validated_camera_id(
 CameraId = Annotated[str, Depends(_validated_camera_id)]
 
 
+async def _camera_add_request(body: CameraAdd, settings: ViewerSettings) -> CameraRequest:
+    """Check a source sent to the API before anything acts on it, and build the request for `up`.
+
+    A file or folder must lie inside ``source_dirs`` (403 otherwise, the same answer whether or not
+    the path exists) and be something capture can play (422 otherwise); a stream needs an allowed
+    scheme; a webcam must exist. Credentials in a stream URL never reach Redis in the clear: the
+    request carries the URL masked, and the real one sealed for `up` (``camera_request_key``)."""
+    from services.capture.spec import SourceError, SourceNotAllowedError, check_source, parse_source
+    from shared.credentials import seal
+
+    try:
+        spec = parse_source(body.source, allowed_dirs=settings.source_dirs)
+        await asyncio.to_thread(check_source, spec)
+    except SourceNotAllowedError as exc:
+        raise HTTPException(403, str(exc)) from None
+    except SourceError as exc:
+        raise HTTPException(422, str(exc)) from None
+    camera_id = body.camera_id or spec.default_camera_id
+    if not C.is_valid_camera_id(camera_id):
+        raise HTTPException(422, f"invalid camera id (must match {C.CAMERA_ID_RE.pattern})")
+    sealed = ""
+    if spec.has_credentials:
+        key = settings.camera_request_key
+        if key is None:
+            raise HTTPException(
+                422,
+                "a source with credentials can only be added through a viewer started by `genderlens "
+                "up`, which seals them; or give it to `genderlens up` (GENDERLENS_SOURCES) instead",
+            )
+        sealed = seal(spec.target, key.get_secret_value())
+    # Files and folders travel as the resolved path that was checked; URLs masked.
+    source = redact_url(spec.target) if spec.kind == "stream" else spec.target
+    return CameraRequest(action="add", camera_id=camera_id, source=source, at=time.time(), sealed=sealed)
+
+
 class Renderer:
     """Decides what a camera's stream shows now and renders it once for all clients."""
 
@@ -492,27 +527,18 @@ def create_app(settings: ViewerSettings) -> FastAPI:
     async def add_camera(body: CameraAdd) -> CameraRequestAccepted:
         if not settings.allow_camera_control:
             raise HTTPException(403, "camera control is disabled (GENDERLENS_ALLOW_CAMERA_CONTROL)")
-        from services.capture.sources import SourceError, parse_source
-
+        request = await _camera_add_request(body, settings)
         try:
-            spec = parse_source(body.source)
-        except SourceError as exc:
-            raise HTTPException(422, str(exc)) from None
-        camera_id = body.camera_id or spec.default_camera_id
-        if not C.is_valid_camera_id(camera_id):
-            raise HTTPException(422, f"invalid camera id (must match {C.CAMERA_ID_RE.pattern})")
-        try:
-            if await client().hexists(C.CAMERAS_KEY, camera_id):
-                raise HTTPException(409, f"camera {camera_id!r} already exists")
-            request = CameraRequest(action="add", camera_id=camera_id, source=body.source, at=time.time())
+            if await client().hexists(C.CAMERAS_KEY, request.camera_id):
+                raise HTTPException(409, f"camera {request.camera_id!r} already exists")
             entry_id = await client().xadd(
                 C.CAMERA_REQUESTS_STREAM, request.to_fields(), maxlen=CAMERA_REQUESTS_MAXLEN, approximate=True
             )
         except DOWN_ERRORS as exc:
             raise HTTPException(503, f"redis unavailable ({type(exc).__name__})") from None
-        log.info("requested camera %s from %s", camera_id, spec.redacted())
+        log.info("requested camera %s from %s", request.camera_id, request.source)
         return CameraRequestAccepted(
-            camera_id=camera_id,
+            camera_id=request.camera_id,
             action="add",
             request_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
             detail="requested; the camera appears once its capture process publishes frames",

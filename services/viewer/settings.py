@@ -8,6 +8,7 @@ import socket
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from services.capture.spec import SOURCE_DIRS_HELP, SourceDirs, default_source_dirs
 from shared.schema import MAX_FACES
 from shared.settings import CommonSettings
 
@@ -97,6 +98,14 @@ class ViewerSettings(CommonSettings):
             ):
                 raise ValueError(f"bad host pattern {pattern!r}: use a name, '*.example.org' or '*'")
         return value
+
+    source_dirs: SourceDirs = Field(default_factory=default_source_dirs, description=SOURCE_DIRS_HELP)
+    camera_request_key: SecretStr | None = Field(
+        None,
+        description="Set by `genderlens up` for its viewer: the key that seals the credentials of a "
+        "source added through the API (rtsp://user:password@...), so they never reach Redis in the "
+        "clear. Without it such sources are refused.",
+    )
 
     @model_validator(mode="after")
     def _token_off_localhost(self) -> ViewerSettings:
