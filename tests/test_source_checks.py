@@ -154,6 +154,7 @@ def viewer(media: Path, **overrides: Any) -> TestClient:
     base: dict[str, Any] = {
         "redis_url": SecretStr(REDIS_URL),
         "viewer_token": None,
+        "allowed_hosts": "testserver",  # TestClient's Host
         "source_dirs": [media],
         "camera_request_key": SecretStr(new_key() or ""),
     }
