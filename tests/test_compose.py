@@ -781,8 +781,8 @@ def serving(folder: Path) -> Iterator[str]:
 
 
 def test_the_weights_stage_takes_a_local_folder_or_a_mirror_and_checks_both(tmp_path: Path) -> None:
-    """The build's weights step: --local uses a folder when it holds weight files (all of them, checked),
-    else downloads, from --base-url when given; a mirror's wrong file fails like a wrong download."""
+    """The build's weights step: --local takes each file from a folder when it is there (checked), and
+    downloads the others, from --base-url when given; a wrong or missing file fails like a bad download."""
     from shared.weights import WEIGHTS
 
     if not SHARED_WEIGHTS.is_dir():
@@ -794,18 +794,22 @@ def test_the_weights_stage_takes_a_local_folder_or_a_mirror_and_checks_both(tmp_
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copyfile(SHARED_WEIGHTS / names[0], partial / names[0])
-    missing = fetch_weights(str(tmp_path / "b"), "--local", str(partial))
-    assert missing.returncode == 1 and names[1] in missing.stderr, missing.stderr
     mirror = tmp_path / "mirror" / "yunet"
-    shutil.copytree(SHARED_WEIGHTS, mirror)
+    mirror.mkdir(parents=True)
+    for name in names[1:]:
+        shutil.copyfile(SHARED_WEIGHTS / name, mirror / name)
     with serving(mirror.parent) as url:
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        mirrored = fetch_weights(str(tmp_path / "c"), "--local", str(empty), "--base-url", url)
-        assert mirrored.returncode == 0, mirrored.stderr
-        assert sorted(p.name for p in (tmp_path / "c").iterdir()) == names
+        # one file from the folder, the others from the mirror
+        mixed = fetch_weights(str(tmp_path / "b"), "--local", str(partial), "--base-url", url)
+        assert mixed.returncode == 0, mixed.stderr
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == names
+        # a file neither has is an error that names it
+        (mirror / names[-1]).unlink()
+        missing = fetch_weights(str(tmp_path / "c"), "--local", str(partial), "--base-url", url)
+        assert missing.returncode == 1 and names[-1] in missing.stderr, missing.stderr
+        # a mirror's wrong file fails like a wrong download
         (mirror / names[-1]).write_bytes(b"not the weights")
-        corrupt = fetch_weights(str(tmp_path / "d"), "--base-url", url)
+        corrupt = fetch_weights(str(tmp_path / "d"), "--local", str(partial), "--base-url", url)
         assert corrupt.returncode == 1 and "sha256" in corrupt.stderr, corrupt.stderr
 
 
