@@ -462,6 +462,21 @@ class Compose:
     def exec(self, service: str, *cmd: str, index: int = 1, check: bool = True) -> str:
         return self("exec", "-T", "--index", str(index), service, *cmd, check=check)
 
+    def models(self, *args: str) -> str:
+        """``genderlens models ARGS`` in a one-off trainer container (the documented way)."""
+        return self(
+            "--profile",
+            "train",
+            "run",
+            "--rm",
+            "-T",
+            "--entrypoint",
+            "genderlens",
+            "trainer",
+            "models",
+            *args,
+        )
+
     def logs(self) -> str:
         return self("logs", "--no-color", "--tail", "60", check=False)
 
@@ -777,35 +792,13 @@ class Smoke:
         )
 
     def rollback(self, compose: Compose) -> None:
-        out = compose(
-            "--profile",
-            "train",
-            "run",
-            "--rm",
-            "-T",
-            "--entrypoint",
-            "genderlens",
-            "trainer",
-            "models",
-            "rollback",
-        )
+        out = compose.models("rollback")
         current = compose.exec("inference", "cat", "/app/models/current").strip()
         say(f"rollback: {out.strip().splitlines()[-1] if out.strip() else ''} current={current}")
         if current != self.default_model:
             raise SmokeError(f"rollback moved current to {current}, not back to {self.default_model}")
         self.wait_serving(compose, current, "after rollback")
-        listing = compose(
-            "--profile",
-            "train",
-            "run",
-            "--rm",
-            "-T",
-            "--entrypoint",
-            "genderlens",
-            "trainer",
-            "models",
-            "list",
-        )
+        listing = compose.models("list")
         say("models list:\n" + listing.rstrip())
 
     def stop_and_down(self, compose: Compose) -> None:
