@@ -481,6 +481,11 @@ class Compose:
         return self("logs", "--no-color", "--tail", "60", check=False)
 
 
+def whole_jpeg(data: bytes) -> bool:
+    start = data.find(b"\xff\xd8\xff")
+    return start >= 0 and data.find(b"\xff\xd9", start) > 0
+
+
 class Viewer:
     def __init__(self, port: int, token: str) -> None:
         self.base = f"http://127.0.0.1:{port}"
@@ -494,6 +499,18 @@ class Viewer:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, None
+
+    def read(self, path: str, limit: int) -> bytes:
+        """A page, or the start of a stream up to its first whole JPEG (at most limit bytes)."""
+        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"})
+        data = b""
+        with urllib.request.urlopen(request, timeout=20) as resp:
+            while len(data) < limit and not whole_jpeg(data):
+                chunk = resp.read1(limit - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        return data
 
     def json(self, path: str) -> Any:
         status, body = self.get(path)
@@ -642,6 +659,13 @@ class Smoke:
             raise SmokeError(f"GET /api/cameras without the token answered {status}, not 401")
         cameras = self.viewer.json("/api/cameras")
         say(f"viewer API: 401 without the token; with it, cameras {[c['id'] for c in cameras]}")
+        page = self.viewer.read("/", 1 << 16)
+        jpeg = self.viewer.read(f"/cameras/{CAMERA}/stream.mjpg", 1 << 18)
+        say(
+            f"viewer page: {len(page)} bytes of HTML; live stream: a whole JPEG in its first {len(jpeg)} bytes"
+        )
+        if b"<html" not in page.lower() or not whole_jpeg(jpeg):
+            raise SmokeError("the viewer's page or its MJPEG stream did not come through")
         wait_for(lambda: self.all_healthy(compose), self.args.timeout, "every service running and healthy", 2)
 
     def first_result(self) -> dict[str, Any] | None:
