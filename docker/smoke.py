@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -462,6 +463,21 @@ class Compose:
     def exec(self, service: str, *cmd: str, index: int = 1, check: bool = True) -> str:
         return self("exec", "-T", "--index", str(index), service, *cmd, check=check)
 
+    def down(self, check: bool = True) -> None:
+        """``down -v`` with the trainer's profile: without it, compose keeps the trainer's volume."""
+        self(
+            "--profile",
+            "train",
+            "down",
+            "-v",
+            "--remove-orphans",
+            "--timeout",
+            "30",
+            check=check,
+            timeout=300,
+        )
+        self.started = False
+
     def models(self, *args: str) -> str:
         """``genderlens models ARGS`` in a one-off trainer container (the documented way)."""
         return self(
@@ -533,6 +549,7 @@ class Smoke:
         self.viewer = Viewer(self.port, self.token)
         self.compose: Compose | None = None
         self.figures: dict[str, str] = {}
+        self.default_model = ""  # the image's model, as the seeded volume names it
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare(self) -> dict[str, str]:
@@ -695,13 +712,14 @@ class Smoke:
             name, service = row["Name"], row["Service"]
             read_only = compose.inspect(name, "{{.HostConfig.ReadonlyRootfs}}")
             uid = compose.exec(service, "id", "-u").strip()
+            # the user's own home: only the read-only root keeps it from being written
             root_write = compose.exec(
-                service, "sh", "-c", "touch /app/x 2>/dev/null && echo yes || echo no", check=False
+                service, "sh", "-c", "touch ~/x 2>/dev/null && echo yes || echo no", check=False
             )
             tmp_write = compose.exec(service, "sh", "-c", "touch /tmp/x && rm /tmp/x && echo yes")
             pid1 = compose.exec(service, "cat", "/proc/1/comm").strip()
             say(
-                f"{service}: read-only root {read_only}, uid {uid}, /app writable: {root_write.strip()}, /tmp writable: {tmp_write.strip()}, pid 1 {pid1}"
+                f"{service}: read-only root {read_only}, uid {uid}, home writable: {root_write.strip()}, /tmp writable: {tmp_write.strip()}, pid 1 {pid1}"
             )
             if (
                 read_only != "true"
@@ -788,7 +806,6 @@ class Smoke:
         say(f"trainer: its announcement reached the viewer through Redis: {announced}")
         if f"{announced.get('name')}-{announced.get('version')}" != current:
             raise SmokeError(f"the trainer's announcement of {current} did not reach Redis: {announced}")
-        self.trained_model = current
 
     def wait_serving(self, compose: Compose, dirname: str, when: str) -> None:
         """Every live worker, and the newest results, on model dirname (as the viewer reports it)."""
@@ -838,8 +855,7 @@ class Smoke:
         bad = {name: code for name, code in codes.items() if not code.startswith("0 ")}
         if bad:
             raise SmokeError(f"not a clean exit on SIGTERM: {bad}")
-        compose("--profile", "train", "down", "-v", "--remove-orphans", timeout=300)
-        compose.started = False
+        compose.down()
         left = self.engine.cli(
             "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"
         )
@@ -852,9 +868,7 @@ class Smoke:
         override = self.write_inputs()
         compose = Compose(self.engine, [REPO / "docker-compose.yml", override], env, self.tmp / "empty.env")
         self.compose = compose
-        compose(
-            "--profile", "train", "down", "-v", "--remove-orphans", check=False
-        )  # a run killed before it could clean up
+        compose.down(check=False)  # what a run killed before its clean-up left
         self.build(compose)
         self.up(compose)
         self.check_hardening(compose)
@@ -868,22 +882,11 @@ class Smoke:
         if compose is not None and compose.started:
             if failed:
                 sys.stdout.write(compose.logs()[-12000:] + "\n")
-            compose(
-                "--profile",
-                "train",
-                "down",
-                "-v",
-                "--remove-orphans",
-                "--timeout",
-                "20",
-                check=False,
-                timeout=300,
-            )
+            compose.down(check=False)
         with contextlib.suppress(SmokeError, subprocess.SubprocessError, OSError):
             if self.engine.answers():
-                self.engine.cli(
-                    "image", "prune", "-f", check=False
-                )  # layers this run's rebuilds left dangling
+                # layers that this run's rebuilds left dangling; the build cache, bounded
+                self.engine.cli("image", "prune", "-f", check=False)
                 self.engine.cli(
                     "builder", "prune", "-f", "--keep-storage", self.args.keep_build_cache, check=False
                 )
@@ -942,6 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"FAILED: {exc}")
         except KeyboardInterrupt:
             say("interrupted")
+        except Exception:  # a reply of unexpected shape, a bug here: still clean up, and show it
+            say("FAILED:\n" + traceback.format_exc())
         finally:
             smoke.cleanup(failed)
     total = time.monotonic() - START
