@@ -70,6 +70,10 @@ class CommonSettings(BaseSettings):
 class ModelPathsMixin(BaseSettings):
     """Where model artifacts and detector weights live (inference worker, trainer, eval, bench)."""
 
+    # The same config as CommonSettings: pydantic merges the bases' configs in order, so without it a
+    # class listing CommonSettings first would read WEIGHTS_DIR instead of GENDERLENS_WEIGHTS_DIR.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
     models_dir: Path = Field(Path("models"), description="Folder of versioned model artifacts.")
     weights_dir: Path | None = Field(
         None,

@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -258,6 +263,8 @@ def test_redis_is_pinned_private_healthchecked_and_ephemeral(base: dict[str, Any
     assert command[0] == "redis-server"
     assert command[command.index("--save") + 1] == ""
     assert command[command.index("--appendonly") + 1] == "no"
+    # a Redis built with upstream defaults (e.g. Debian's) refuses the other containers otherwise
+    assert command[command.index("--protected-mode") + 1] == "no"
     # no password by default: requirepass "" is "none", and the services' URL has none
     assert command[command.index("--requirepass") + 1] == ""
     for name in APP_SERVICES:
@@ -579,13 +586,21 @@ def dockerfile_stages() -> dict[str, list[str]]:
     return stages
 
 
+#: target -> the requirements file it installs (``${TORCH_FLAVOUR}``: the build argument, cpu or gpu)
 FINAL_TARGETS = {
     "capture": "capture",
     "viewer": "viewer",
-    "inference": "inference-cpu",
+    "inference": "inference-${TORCH_FLAVOUR}",
     "inference-gpu": "inference-gpu",
-    "trainer": "trainer-cpu",
+    "trainer": "trainer-${TORCH_FLAVOUR}",
     "trainer-gpu": "trainer-gpu",
+}
+#: the stage each torch image starts from: one torch layer shared by inference and trainer
+TORCH_BASES = {
+    "inference": "torch",
+    "trainer": "torch",
+    "inference-gpu": "torch-gpu",
+    "trainer-gpu": "torch-gpu",
 }
 
 
@@ -604,14 +619,23 @@ def test_images_run_as_a_non_root_user_with_pinned_requirements_and_healthchecks
     text = DOCKERFILE.read_text()
     base_image = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
     assert base_image and re.fullmatch(r"python:3\.\d+\.\d+-slim(-\w+)?", base_image.group(1))
+    # no syntax line: BuildKit would pull a frontend image from Docker Hub, which offline builders lack
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    stages = dockerfile_stages()
     for target, requirements in FINAL_TARGETS.items():
-        instructions = dockerfile_stages()[target]
+        instructions = stages[target]
         users = [i.split()[1] for i in instructions if i.startswith("USER ")]
         assert users and users[-1].split(":")[0] not in ("0", "root"), target
-        installs = [i for i in instructions if "pip install" in i]
+        installs = [i for i in instructions if "/build/install.py" in i]
         assert len(installs) == 1, target
-        assert f"docker/requirements/{requirements}.txt" in installs[0], target
-        assert "--no-deps" in installs[0] and "--no-cache-dir" in installs[0] and "pip check" in installs[0]
+        assert re.search(
+            rf'python /build/install\.py "?{re.escape(requirements)}"? /wheels/genderlens-\*\.whl',
+            installs[0],
+        )
+        assert "source=docker/requirements,target=/build/requirements" in installs[0], target
+        assert "from=site,target=/build/site" in installs[0], target
+        if target in TORCH_BASES:
+            assert instructions[0].startswith(f"FROM {TORCH_BASES[target]} AS"), target
         healthchecks = [i for i in instructions if i.startswith("HEALTHCHECK")]
         assert len(healthchecks) == 1, target
         if target.startswith(("inference", "viewer")):
@@ -622,8 +646,14 @@ def test_images_run_as_a_non_root_user_with_pinned_requirements_and_healthchecks
     for instruction in (i for stage in dockerfile_stages().values() for i in stage):
         if instruction.startswith(("ARG", "ENV")):
             assert not re.search(r"PASSWORD|TOKEN|SECRET|REDIS_URL", instruction), instruction
-    # weights: fetched from the pinned URLs, sha256-checked, in the images that detect faces
-    assert "fetch_weights.py /opt/genderlens/weights" in text
+    # the shared torch layers install the inference closure of their flavour
+    assert 'python /build/install.py "inference-${TORCH_FLAVOUR}"' in "\n".join(stages["torch"])
+    assert "python /build/install.py inference-gpu" in "\n".join(stages["torch-gpu"])
+    # every install is exact and checked (docker/install.py)
+    install = (REPO / "docker" / "install.py").read_text()
+    assert all(flag in install for flag in ('"--no-deps"', '"--no-cache-dir"', '"pip", "check"'))
+    # weights: sha256-checked, from the site image or a mirror or the pinned URLs, in the images that detect faces
+    assert "fetch_weights.py /opt/genderlens/weights --local /build/site/weights" in text
     for target in ("inference", "inference-gpu", "trainer", "trainer-gpu"):
         joined = "\n".join(dockerfile_stages()[target])
         assert "COPY --from=weights /opt/genderlens/weights" in joined, target
@@ -673,7 +703,11 @@ def test_requirements_are_pinned_within_the_project_ranges_and_torch_only_where_
         if stem.endswith("-cpu"):
             assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu")
             assert not [n for n in pins if n.startswith(("nvidia-", "triton", "cuda-"))], stem
-            assert "download.pytorch.org/whl/cpu" in (REQUIREMENTS / f"{stem}.txt").read_text()
+        # the files name no index: where packages come from is the build's choice (docker/install.py)
+        lines = (REQUIREMENTS / f"{stem}.txt").read_text().splitlines()
+        assert not [line for line in lines if line.startswith("-")], stem
+        # redis needs async-timeout on Python < 3.11.3 (Debian's python3 is 3.11.2): pinned everywhere
+        assert "async-timeout" in pins, stem
         if stem.endswith("-gpu"):
             assert "+" not in pins["torch"] and any(n.startswith("nvidia-") for n in pins), stem
     assert set(_pins(REQUIREMENTS / "build.txt")) == {"setuptools"}
@@ -696,8 +730,8 @@ def test_dockerignore_keeps_secrets_and_clutter_out_but_lets_the_build_inputs_in
     sources = re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", text, re.MULTILINE)
     used = [s for group in sources for s in group.split()]
     used += re.findall(r"--mount=type=bind,source=([^,\s]+)", text)
-    for path in used:
-        path = path.rstrip("/")
+    flavours = [path.replace("${TORCH_FLAVOUR}", f) for path in used for f in ("cpu", "gpu")]
+    for path in {p.rstrip("/") for p in flavours}:
         assert any(path == a or path.startswith(a + "/") for a in allowed), f"{path} is not in the context"
         assert (REPO / path).exists() or path.startswith("models"), path
 
@@ -727,6 +761,189 @@ def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
         timeout=60,
     )
     assert check.returncode == 1 and "sha256" in check.stderr
+
+
+def fetch_weights(*args: str) -> subprocess.CompletedProcess[str]:
+    script = REPO / "docker" / "fetch_weights.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def serving(folder: Path) -> Iterator[str]:
+    """A plain HTTP server on localhost serving folder (a mirror of the weights)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/yunet"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_weights_stage_takes_a_local_folder_or_a_mirror_and_checks_both(tmp_path: Path) -> None:
+    """The build's weights step: --local takes each file from a folder when it is there (checked), and
+    downloads the others, from --base-url when given; a wrong or missing file fails like a bad download."""
+    from shared.weights import WEIGHTS
+
+    if not SHARED_WEIGHTS.is_dir():
+        pytest.skip(f"no YuNet weights at {SHARED_WEIGHTS}")
+    names = sorted(WEIGHTS)
+    local = fetch_weights(str(tmp_path / "a"), "--local", str(SHARED_WEIGHTS))
+    assert local.returncode == 0, local.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copyfile(SHARED_WEIGHTS / names[0], partial / names[0])
+    mirror = tmp_path / "mirror" / "yunet"
+    mirror.mkdir(parents=True)
+    for name in names[1:]:
+        shutil.copyfile(SHARED_WEIGHTS / name, mirror / name)
+    with serving(mirror.parent) as url:
+        # one file from the folder, the others from the mirror
+        mixed = fetch_weights(str(tmp_path / "b"), "--local", str(partial), "--base-url", url)
+        assert mixed.returncode == 0, mixed.stderr
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == names
+        # a file neither has is an error that names it
+        (mirror / names[-1]).unlink()
+        missing = fetch_weights(str(tmp_path / "c"), "--local", str(partial), "--base-url", url)
+        assert missing.returncode == 1 and names[-1] in missing.stderr, missing.stderr
+        # a mirror's wrong file fails like a wrong download
+        (mirror / names[-1]).write_bytes(b"not the weights")
+        corrupt = fetch_weights(str(tmp_path / "d"), "--local", str(partial), "--base-url", url)
+        assert corrupt.returncode == 1 and "sha256" in corrupt.stderr, corrupt.stderr
+
+
+def _load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"docker_{name}", REPO / "docker" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_install_step_takes_its_sources_from_the_site_image(tmp_path: Path) -> None:
+    """docker/install.py builds the pip command from what the site image holds (nothing by default)."""
+    install = _load_script("install")
+    build = tmp_path / "build"
+    shutil.copytree(REQUIREMENTS, build / "requirements")
+    (build / "site").mkdir()
+    default = install.pip_command("inference-cpu", ["/wheels/g.whl"], build)
+    assert default[-3:] == ["-r", str(build / "requirements" / "inference-cpu.txt"), "/wheels/g.whl"]
+    assert {"--no-deps", "--no-cache-dir"} <= set(default)
+    assert default[default.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert "--find-links" not in default
+    assert "--extra-index-url" not in install.pip_command("inference-gpu", [], build)
+    assert "PIP_CONFIG_FILE" not in install.pip_environment(build)
+    # a site image: wheelhouse, pip.conf (which then decides about the torch index), CA bundle
+    (build / "site" / "wheels").mkdir()
+    (build / "site" / "wheels" / "x-1-py3-none-any.whl").write_bytes(b"")
+    (build / "site" / "pip.conf").write_text("[global]\nno-index = true\n")
+    (build / "site" / "ca-certificates.crt").write_text("")
+    site = install.pip_command("inference-cpu", [], build)
+    assert site[site.index("--find-links") + 1] == str(build / "site" / "wheels")
+    assert "--extra-index-url" not in site
+    env = install.pip_environment(build)
+    assert env["PIP_CONFIG_FILE"] == str(build / "site" / "pip.conf")
+    assert env["PIP_CERT"] == str(build / "site" / "ca-certificates.crt")
+    with pytest.raises(SystemExit, match="TORCH_FLAVOUR"):
+        install.pip_command("inference-tpu", [], build)
+
+
+@pytest.mark.slow
+def test_the_install_step_installs_exact_pins_offline_and_checks_them(tmp_path: Path) -> None:
+    """A real run of docker/install.py in a fresh virtualenv, from a wheelhouse with no-index, as the
+    image build runs it: the pinned package goes in; a pin the wheelhouse lacks fails the build."""
+    source = tmp_path / "src"
+    (source / "smokepkg").mkdir(parents=True)
+    (source / "smokepkg" / "__init__.py").write_text("VALUE = 1\n")
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "smokepkg"\nversion = "1.0"\n'
+    )
+    build = tmp_path / "build"
+    wheels = build / "site" / "wheels"
+    pip = [sys.executable, "-m", "pip"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (build / "site" / "pip.conf").write_text("[global]\nno-index = true\n")
+    (build / "requirements").mkdir()
+    (build / "requirements" / "smoke.txt").write_text("smokepkg==1.0\n")
+    (build / "requirements" / "absent.txt").write_text("smokepkg==2.0\n")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {**_clean_env(tmp_path, {}), "GENDERLENS_BUILD_DIR": str(build)}
+    env = {k: v for k, v in env.items() if not k.startswith("PIP_")}  # only what the site image says
+    script = str(REPO / "docker" / "install.py")
+    ok = subprocess.run(
+        [str(venv / "bin" / "python"), script, "smoke"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "No broken requirements" in ok.stdout
+    value = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import smokepkg; print(smokepkg.VALUE)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert value.stdout.strip() == "1"
+    absent = subprocess.run(
+        [str(venv / "bin" / "python"), script, "absent"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert absent.returncode != 0 and "smokepkg==2.0" in absent.stderr
+
+
+def test_the_lock_pins_what_older_python_3_11_releases_need() -> None:
+    """Any Python 3.11 base image builds (PYTHON_IMAGE; Debian's is 3.11.2): a dependency whose marker
+    holds only before 3.11.3 (redis -> async-timeout) is pinned although this venv does not need it."""
+    from packaging.requirements import Requirement as Req
+
+    lock = _load_script("lock")
+    assert lock._needed(Req("async-timeout>=4.0.3; python_full_version < '3.11.3'"), frozenset())
+    assert not lock._needed(Req("tomli; python_version < '3.11'"), frozenset())
+    assert not lock._needed(Req("x; extra == 'other'"), frozenset({"train"}))
+    assert lock._needed(Req("x; extra == 'train'"), frozenset({"train"}))
+
+
+BUILD_ARGS = {"PYTHON_IMAGE", "TORCH_FLAVOUR", "WEIGHTS_BASE_URL", "SITE_IMAGE"}
+
+
+def test_every_build_input_is_a_build_argument_compose_passes(tmp_path: Path, base: dict[str, Any]) -> None:
+    """Every ARG of the Dockerfile is set by every compose build, with the Dockerfile's own default."""
+    text = DOCKERFILE.read_text()
+    declared = dict(re.findall(r"^ARG ([A-Z_]+)=(\S*)$", text, re.MULTILINE))
+    assert set(declared) == BUILD_ARGS
+    workers = resolved(tmp_path, (WORKERS,), {"GENDERLENS_REDIS_URL": WORKERS_URL})
+    builds = [s["build"] for c in (base, workers) for s in c["services"].values() if "build" in s]
+    assert len(builds) == 5
+    for build in builds:
+        assert build["args"] == declared, build
+    custom = resolved(
+        tmp_path,
+        env={
+            "GENDERLENS_VIEWER_TOKEN": TOKEN,
+            "GENDERLENS_PYTHON_IMAGE": "mirror.local/python:3.11",
+            "GENDERLENS_TORCH_FLAVOUR": "gpu",
+            "GENDERLENS_WEIGHTS_BASE_URL": "https://mirror.local/yunet",
+            "GENDERLENS_SITE_IMAGE": "mysite/genderlens-build-inputs",
+        },
+    )
+    assert custom["services"]["inference"]["build"]["args"] == {
+        "PYTHON_IMAGE": "mirror.local/python:3.11",
+        "TORCH_FLAVOUR": "gpu",
+        "WEIGHTS_BASE_URL": "https://mirror.local/yunet",
+        "SITE_IMAGE": "mysite/genderlens-build-inputs",
+    }
+    # the site image is mounted where needed, never copied into an image
+    assert "FROM ${SITE_IMAGE} AS site" in text
+    assert not re.search(r"COPY --from=site", text)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -47,3 +49,26 @@ def test_load_exits_with_field_errors_and_never_echoes_secrets(monkeypatch: pyte
     message = str(info.value)
     assert message.startswith("genderlens capture: invalid settings: redis_url:")
     assert "topsecret" not in message
+
+
+def test_model_paths_read_the_prefixed_variables_whatever_the_base_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The trainer's settings list CommonSettings first: the mixin's own (unprefixed) config used to win,
+    so in a container `genderlens train` ignored GENDERLENS_WEIGHTS_DIR (and tried to download the
+    detector weights) and GENDERLENS_REDIS_URL (the new version was announced to 127.0.0.1)."""
+    from shared.settings import CommonSettings, ModelPathsMixin
+
+    class CommonFirst(CommonSettings, ModelPathsMixin):
+        pass
+
+    class MixinFirst(ModelPathsMixin, CommonSettings):
+        pass
+
+    monkeypatch.setenv("GENDERLENS_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("GENDERLENS_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("WEIGHTS_DIR", "/unprefixed")
+    for cls in (CommonFirst, MixinFirst):
+        settings = cls()
+        assert settings.weights_dir == tmp_path, cls.__name__
+        assert settings.redis_url.get_secret_value() == "redis://redis:6379/0", cls.__name__
