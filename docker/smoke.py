@@ -919,7 +919,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--train-args",
-        default="--epochs 2 --batch-size 32 --threads 1 --patience 2",
+        # --ignore-gate: a 2-epoch model on 80 photos is worse than the shipped one, so the promotion
+        # gate rightly keeps it from going live (tests/test_gate.py checks that); here the point is
+        # the path from the trainer container to hot-reloading workers.
+        default="--epochs 2 --batch-size 32 --threads 1 --patience 2 --ignore-gate",
         help="flags for the trainer after --data /data",
     )
     parser.add_argument(
