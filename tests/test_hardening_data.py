@@ -682,8 +682,8 @@ def test_9_capture_keeps_its_frames_within_the_pixel_bound(tmp_path: Path) -> No
     big camera is downscaled rather than refused by every worker."""
     from services.capture.service import CaptureService
     from services.capture.settings import CaptureSettings
-    from services.capture.sources import parse_source
     from shared.schema import MAX_PIXELS
+    from shared.sources import parse_source
 
     (tmp_path / "src").mkdir()
     settings = CaptureSettings(max_width=8192, redis_url=SecretStr("redis://127.0.0.1:1/0"))

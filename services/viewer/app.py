@@ -116,8 +116,8 @@ async def _camera_add_request(body: CameraAdd, settings: ViewerSettings) -> Came
     the path exists) and be something capture can play (422 otherwise); a stream needs an allowed
     scheme; a webcam must exist. Credentials in a stream URL never reach Redis in the clear: the
     request carries the URL masked, and the real one sealed for `up` (``camera_request_key``)."""
-    from services.capture.spec import SourceError, SourceNotAllowedError, check_source, parse_source
     from shared.credentials import seal
+    from shared.sources import SourceError, SourceNotAllowedError, check_source, parse_source
 
     try:
         spec = parse_source(body.source, allowed_dirs=settings.source_dirs)
