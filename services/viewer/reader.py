@@ -58,7 +58,12 @@ YIELD_EVERY_S = 0.02
 #: at most this often per silent stream; frames streams only while their camera's heartbeat is alive).
 STUCK_CHECK_S = 2.0
 #: Streams not tied to one camera, followed from their newest entries (with how many to read back).
-GLOBAL_STREAMS = ((C.EVENTS_STREAM, 20), (C.MODEL_EVENTS_STREAM, 1), (C.CAMERA_REQUESTS_STREAM, 1000))
+#: Camera requests: all of them (every removal decides which registry entries are stale).
+GLOBAL_STREAMS = (
+    (C.EVENTS_STREAM, 20),
+    (C.MODEL_EVENTS_STREAM, 1),
+    (C.CAMERA_REQUESTS_STREAM, C.CAMERA_REQUESTS_MAXLEN),
+)
 
 DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, OSError)
 

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final, Literal
 
 from services.viewer import metrics as M
 from services.viewer.appearance import Signature
@@ -22,9 +22,16 @@ from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFac
 from shared.schema import CameraInfo, Event, Frame, Result
 
 #: Camera status values the page and API show.
-LIVE = "live"
-NO_SIGNAL = "no_signal"
-RECONNECTING = "reconnecting"
+CameraStatus = Literal["live", "no_signal", "reconnecting"]
+LIVE: Final = "live"
+NO_SIGNAL: Final = "no_signal"
+RECONNECTING: Final = "reconnecting"
+#: Show raw frames with a "no inference" note when the newest annotated frame lags the newest frame
+#: by more than this: results are not coming (no worker, or workers far behind).
+NO_INFERENCE_AFTER_S = 1.5
+#: Counts of faces in view are those of the newest result while results keep coming (no older than
+#: this); after that the page shows none, not the last ones as if they were current.
+COUNTS_MAX_AGE_S = NO_INFERENCE_AFTER_S * 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +182,7 @@ class CameraView:
             return None
         return max(0.0, (time.time() if now is None else now) - self.last_frame_at)
 
-    def status(self, redis_ok: bool, no_signal_after_s: float, now: float | None = None) -> str:
+    def status(self, redis_ok: bool, no_signal_after_s: float, now: float | None = None) -> CameraStatus:
         if not redis_ok:
             return RECONNECTING
         age = self.last_frame_age_s(now)
@@ -253,7 +260,13 @@ class ViewerState:
     subscribers: Subscribers = field(default_factory=Subscribers)
     #: camera id -> when its removal was requested (from the camera requests stream, any viewer)
     removed_at: dict[str, float] = field(default_factory=dict)
-    _cameras_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set on SIGTERM/SIGINT (``stop_streams``): endless responses (MJPEG, WebSocket) end
+    stopping: bool = False
+
+    def stop_streams(self) -> None:
+        """Called by the server on SIGTERM/SIGINT: endless MJPEG responses and WebSockets end
+        (within 0.5 s) instead of holding graceful shutdown until its timeout."""
+        self.stopping = True
 
     def camera(self, camera_id: str) -> CameraView:
         view = self.cameras.get(camera_id)
