@@ -18,7 +18,14 @@ from typing import Any
 from services.viewer import metrics as M
 from services.viewer.render import Hud, annotate, placeholder
 from services.viewer.settings import ViewerSettings
-from services.viewer.state import NO_INFERENCE_AFTER_S, NO_SIGNAL, RECONNECTING, CameraView, ViewerState
+from services.viewer.state import (
+    NO_INFERENCE_AFTER_S,
+    NO_SIGNAL,
+    RECONNECTING,
+    CameraView,
+    ViewerState,
+    classes_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,9 @@ class Renderer:
             and latest.frame.captured_at - shown.frame.frame.captured_at <= NO_INFERENCE_AFTER_S
         ):
             hud = Hud(cid, fps, shown.latency_ms)
-            jpeg, faces = shown.frame.frame.jpeg, shown.faces
+            jpeg, faces, classes = shown.frame.frame.jpeg, shown.faces, classes_of(shown.result)
             return ("shown", shown.frame.entry_id, shown.result.seq), lambda: annotate(
-                jpeg, faces, hud, blur=blur, blur_all=False, quality=quality
+                jpeg, faces, hud, blur=blur, blur_all=False, quality=quality, classes=classes
             )
         # No result for recent frames: keep the picture moving rather than freezing on the last
         # annotated frame; with blur on and no detections to go by, the whole picture is blurred.

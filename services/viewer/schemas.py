@@ -109,6 +109,7 @@ class ModelRefOut(BaseModel):
     uncertain_threshold: float | None = Field(
         description="Below this confidence the worker labelled a face uncertain (null: older worker)."
     )
+    classes: list[str] = Field(description="The model's class names in its order (empty: older worker).")
 
 
 class FaceOut(BaseModel):
@@ -174,10 +175,18 @@ class ModelAnnouncement(ModelName):
     at: float
 
 
+class ClassColour(BaseModel):
+    name: str
+    colour: str = Field(description="#RRGGBB, Okabe-Ito, by the class's index in the model's order.")
+
+
 class ModelStatus(BaseModel):
     current: ModelName | None = Field(description="The model behind the newest result (null: none).")
     uncertain_threshold: float | None = Field(
         description="The threshold that result's worker applied; the smoothed labels use it too."
+    )
+    classes: list[ClassColour] = Field(
+        description="That model's classes in its order, with the colour boxes and the page use."
     )
     announced: ModelAnnouncement | None = Field(description="Newest announcement on model-events.")
     refused: EventOut | None = Field(description="The latest refused-model event.")

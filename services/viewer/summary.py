@@ -10,9 +10,18 @@ import time
 from typing import Any
 
 from services.viewer import metrics as M
-from services.viewer.schemas import CameraOut, EventOut, ModelAnnouncement, ModelName, ModelStatus
+from services.viewer.palette import class_colours
+from services.viewer.schemas import (
+    CameraOut,
+    ClassColour,
+    EventOut,
+    ModelAnnouncement,
+    ModelName,
+    ModelStatus,
+)
 from services.viewer.settings import ViewerSettings
 from services.viewer.state import COUNTS_MAX_AGE_S, CameraView, ViewerState
+from services.viewer.tracker import UNCERTAIN
 
 
 def camera_out(view: CameraView, state: ViewerState, settings: ViewerSettings, now: float) -> CameraOut:
@@ -58,6 +67,7 @@ def model_status(state: ViewerState) -> ModelStatus:
         # one uncertainty policy: the threshold the newest result's worker applied (the model's own
         # unless overridden), which the smoothed labels use too
         uncertain_threshold=state.uncertain_threshold,
+        classes=[ClassColour.model_validate(c) for c in class_colours(state.classes)],
         announced=ModelAnnouncement.model_validate(state.model_event) if state.model_event else None,
         refused=EventOut.model_validate(refused[-1]) if refused else None,
     )
@@ -66,7 +76,7 @@ def model_status(state: ViewerState) -> ModelStatus:
 def stats_message(state: ViewerState, settings: ViewerSettings) -> dict[str, Any]:
     """The WebSocket's ``stats`` message, once a second: cameras, totals, mean stage latency, model,
     workers, refused models."""
-    totals: dict[str, int] = {"faces": 0, "female": 0, "male": 0, "uncertain": 0, "no_model": 0}
+    totals: dict[str, int] = {"faces": 0, **dict.fromkeys(state.classes, 0), UNCERTAIN: 0, "no_model": 0}
     stages: dict[str, list[float]] = {}
     for view in state.cameras.values():
         for name, count in view.counts(COUNTS_MAX_AGE_S).items():
@@ -82,6 +92,7 @@ def stats_message(state: ViewerState, settings: ViewerSettings) -> dict[str, Any
         "totals": totals,
         "stages_ms": {k: round(sum(v) / len(v), 1) for k, v in stages.items()},
         "model": state.model,
+        "classes": class_colours(state.classes),  # the page's count rows, in the model's order
         "workers": len(state.workers),
         "worker_list": state.workers,
         "refused": state.refused_events()[-5:],
