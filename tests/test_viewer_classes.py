@@ -103,7 +103,7 @@ def publish_pet_model(models_dir: Path) -> Any:
 def box_colour_share(image: np.ndarray, box: list[float], colour: str) -> float:
     """Share of the box's left edge (clipped to the frame, as it is drawn) in ``colour`` (BGR
     distance below 60)."""
-    x, y, w, h = box
+    x, y, _, h = box
     x1, y1, y2 = max(0, round(x)), max(0, round(y)), min(image.shape[0], round(y + h))
     edge = image[y1:y2, x1 : x1 + 2].reshape(-1, 3).astype(np.int16)
     assert len(edge), box
