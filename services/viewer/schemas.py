@@ -230,7 +230,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"description": "503 (same body) while not ready."})
+    """The reader reaches Redis (200), or not (503, the same body)."""
 
     status: Literal["ready", "not ready"]
     redis: Literal["ok", "reconnecting"]
