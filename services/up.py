@@ -46,7 +46,13 @@ from typing import IO, Any
 
 from pydantic import Field, SecretStr
 
-from services.capture.spec import (
+from shared import constants as C
+from shared.credentials import CredentialsError, new_key, redact_url, unseal
+from shared.redis_server import RedisServer, RedisServerError
+from shared.runtime import die_with_parent, install_stop_handlers, setup_logging
+from shared.schema import CameraInfo, CameraRequest, SchemaError
+from shared.settings import CommonSettings, ModelPathsMixin
+from shared.sources import (
     SOURCE_DIRS_HELP,
     SourceDirs,
     SourceError,
@@ -55,12 +61,6 @@ from services.capture.spec import (
     default_source_dirs,
     parse_source,
 )
-from shared import constants as C
-from shared.credentials import CredentialsError, new_key, redact_url, unseal
-from shared.redis_server import RedisServer, RedisServerError
-from shared.runtime import die_with_parent, install_stop_handlers, setup_logging
-from shared.schema import CameraInfo, CameraRequest, SchemaError
-from shared.settings import CommonSettings, ModelPathsMixin
 
 log = logging.getLogger(__name__)
 

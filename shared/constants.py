@@ -19,8 +19,10 @@ INFERENCE_GROUP: Final = f"{PREFIX}:inference"
 
 #: Hash camera_id -> msgpack CameraInfo, written by capture at start and on status changes.
 CAMERAS_KEY: Final = f"{PREFIX}:cameras"
-#: Hash camera_id -> msgpack of a camera added through the viewer API, which `genderlens up` runs.
+#: Stream of add/remove requests (msgpack ``CameraRequest``) that the viewer API writes and
+#: `genderlens up` acts on (starts or stops a capture process); every viewer reads the removals.
 CAMERA_REQUESTS_STREAM: Final = f"{PREFIX}:camera-requests"
+CAMERA_REQUESTS_MAXLEN: Final = 1_000
 
 #: Stream of messages that could not be processed (malformed or too many deliveries), with reasons.
 DEADLETTER_STREAM: Final = f"{PREFIX}:deadletter"

@@ -117,6 +117,18 @@ def _name(obj: Mapping[str, Any], key: str, kind: str) -> str:
     return str(value)
 
 
+def _class_names(value: Any) -> tuple[str, ...]:
+    """A model's class names: at most MAX_CLASSES short, distinct strings."""
+    what = "result: model.classes"
+    if not isinstance(value, list | tuple) or len(value) > MAX_CLASSES:
+        raise SchemaError(f"{what} must be a list of at most {MAX_CLASSES} names")
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS for v in value):
+        raise SchemaError(f"{what}: names must be short, non-empty strings")
+    if len(set(value)) != len(value):
+        raise SchemaError(f"{what}: names must be distinct")
+    return tuple(value)
+
+
 def _camera_id(obj: Mapping[str, Any], kind: str) -> str:
     camera_id = _req(obj, "camera_id", str, kind)
     if not is_valid_camera_id(camera_id):
@@ -325,6 +337,10 @@ class ModelRef:
     #: threshold (its metadata) or the worker's override. The viewer applies the same value to its
     #: smoothed labels, so the two never disagree. None from workers older than this field.
     uncertain_threshold: float | None = None
+    #: The model's class names in its own order (its metadata), so a reader knows them, and their
+    #: order, before any face is seen. Empty from workers older than this field (each face's
+    #: ``probs`` names the classes in the same order).
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +383,7 @@ class Result(_Message):
                 None
                 if threshold is None
                 else _number(threshold, "result: model.uncertain_threshold", 0.0, 1.0),
+                _class_names(model.get("classes", [])),
             )
         missing = [k for k in Timestamps.__dataclass_fields__ if k not in ts]
         if missing:

@@ -9,6 +9,7 @@ A real ``genderlens view`` process on Redis database 13; the test plays capture 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +22,12 @@ import pytest
 import redis
 
 from shared import constants as C
+from shared.schema import Face, ModelRef
 from tests.test_browser_viewer import CHROMIUM, LAUNCH_ARGS, chromium_or_skip
 from tests.test_viewer_hardening import ViewerProcess
 from tests.test_viewer_support import (
     REPO,
+    TEST_MODEL,
     make_face,
     photo_paths,
     publish_frame,
@@ -59,12 +62,23 @@ STATS_FILTER = """
 
 @dataclass
 class Feeder:
-    """Plays a 10 fps camera (one real photo) and a worker whose results carry ``faces`` faces."""
+    """Plays a 10 fps camera (one real photo) and a worker whose results carry ``faces`` faces; with
+    ``classes``, a worker serving a model of those classes (every face the last one, at 0.9)."""
 
     rdb: redis.Redis
     faces: int = 1
     results: bool = True
+    classes: tuple[str, ...] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+
+    def face(self, box: tuple[float, float, float, float]) -> Face:
+        if self.classes is None:
+            return make_face(box, 0.9)
+        probs = {c: 0.1 / (len(self.classes) - 1) for c in self.classes[:-1]} | {self.classes[-1]: 0.9}
+        return dataclasses.replace(make_face(box, 0.9), label=self.classes[-1], probs=probs)
+
+    def model(self) -> ModelRef:
+        return TEST_MODEL if self.classes is None else ModelRef("pets", "1", 0.5, self.classes)
 
     def run(self) -> None:
         image = cv2.imread(str(photo_paths(1)[0]), cv2.IMREAD_COLOR)
@@ -76,7 +90,7 @@ class Feeder:
             entry_id, frame = publish_frame(self.rdb, CAMERA, seq, jpeg, 640, 480)
             if self.results:
                 boxes = [(40.0 + 140 * i, 200.0, 100.0, 100.0) for i in range(self.faces)]
-                publish_result(self.rdb, entry_id, frame, [make_face(b, 0.9) for b in boxes])
+                publish_result(self.rdb, entry_id, frame, [self.face(b) for b in boxes], self.model())
             if seq % 10 == 0:
                 self.rdb.set(C.camera_heartbeat_key(CAMERA), "live", ex=C.CAMERA_HEARTBEAT_TTL_S)
             seq += 1
@@ -201,7 +215,7 @@ def test_panel_follows_the_results_and_clears_without_workers(setup: Any, browse
         started = time.monotonic()
         page.wait_for_function(f"document.getElementById('c-faces').textContent === '{faces}'", timeout=5_000)
         took = time.monotonic() - started
-        assert page.locator("#c-female").inner_text() == str(faces)
+        assert page.locator('.count[data-class="female"] .n').inner_text() == str(faces)
         assert took < 3, f"panel took {took:.1f}s"
     page.evaluate("window.__dropStats = false")
     # The worker goes away: the counts go to zero and the tile says "no inference" in its head.
@@ -244,4 +258,46 @@ def test_no_inference_banner_is_not_over_the_bottom_of_the_picture(setup: Any, b
     height = image.shape[0]
     assert yellow[: height // 4].mean() > 0.005, "no notice at the top"
     assert yellow[height // 2 :].mean() < 0.001, "the notice still covers the bottom of the picture"
+    page.context.close()
+
+
+def test_the_panel_shows_the_models_own_classes_in_their_colours(setup: Any, browser: Any) -> None:
+    """The panel had rows for "female" and "male" written into the page: a model retrained on other
+    folders showed neither its classes nor their counts. The rows now come from the model, in its
+    order, in the colours its boxes are drawn in (Okabe-Ito by index)."""
+    base, feeder = setup
+    page = new_page(browser)
+    live(page, base)
+    page.wait_for_selector('.count[data-class="female"]')
+    feeder.faces, feeder.classes = 2, ("cat", "dog", "other")
+    try:
+        page.wait_for_function(
+            "[...document.querySelectorAll('.count.cls')].map((r) => r.dataset.class).join() === 'cat,dog,other'",
+            timeout=10_000,
+        )
+        page.wait_for_function(
+            "document.querySelector('.count[data-class=\"other\"] .n').textContent === '2'", timeout=10_000
+        )
+        rows = page.locator(".count.cls")
+        colours = [rows.nth(i).evaluate("(r) => getComputedStyle(r).borderLeftColor") for i in range(3)]
+        assert colours == ["rgb(230, 159, 0)", "rgb(86, 180, 233)", "rgb(0, 158, 115)"], colours
+        assert [rows.nth(i).inner_text().split() for i in range(3)] == [
+            ["0", "cat"],
+            ["0", "dog"],
+            ["2", "other"],
+        ]
+        assert page.locator(".count.female, .count.male").count() == 0
+        foot = page.locator(f'.tile[data-camera="{CAMERA}"] .faces')
+        page.wait_for_function(
+            f"document.querySelector('.tile[data-camera={CAMERA}] .faces').textContent.includes('2 other')",
+            timeout=5_000,
+        )
+        assert foot.inner_text() == "2 faces · 2 other"
+        page.screenshot(path=str(ARTIFACTS / "classes-from-the-model.png"))
+    finally:
+        feeder.faces, feeder.classes = 1, None
+    page.wait_for_function(
+        "[...document.querySelectorAll('.count.cls')].map((r) => r.dataset.class).join() === 'female,male'",
+        timeout=10_000,
+    )
     page.context.close()

@@ -21,17 +21,17 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from services.capture.spec import (
-    SourceError,
-    SourceNotAllowedError,
-    check_source,
-    parse_source,
-)
 from services.viewer.app import create_app
 from services.viewer.settings import ViewerSettings
 from shared import constants as C
 from shared.credentials import CredentialsError, new_key, redact_url, seal, unseal
 from shared.schema import CameraRequest
+from shared.sources import (
+    SourceError,
+    SourceNotAllowedError,
+    check_source,
+    parse_source,
+)
 from tests.support import redis_url_for_db
 
 REDIS_URL = redis_url_for_db(6)

@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from services.capture.sources import SourceError, SourceOptions, open_source, parse_source, slugify
+from services.capture.sources import SourceOptions, open_source
 from shared.constants import is_valid_camera_id
+from shared.sources import SourceError, parse_source, slugify
 
 
 def test_webcam_specs() -> None:

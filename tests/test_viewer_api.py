@@ -4,6 +4,7 @@ schema classes as workers do."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import threading
 import time
@@ -18,7 +19,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from services.viewer.app import BOUNDARY, create_app
+from services.viewer.app import create_app
+from services.viewer.routes.streams import BOUNDARY
 from services.viewer.settings import ViewerSettings
 from shared import constants as C
 from shared.schema import CameraRequest, Event, SchemaError
@@ -416,17 +418,76 @@ def test_ops_endpoints(rdb: redis.Redis) -> None:
         assert client.get("/").status_code == 200
 
 
-def test_redis_outage_shows_reconnecting_then_recovers(rdb: redis.Redis) -> None:
+def test_openapi_describes_every_reply() -> None:
+    """/docs described almost nothing: one route had a response model, the others said "any object".
+    Every JSON reply (errors included) now has a schema that names its fields, every route that
+    takes a camera id documents 404 and 422, and the API's version is the package's."""
+    spec = create_app(settings()).openapi()
+    assert spec["info"]["version"] == importlib.metadata.version("genderlens")
+    components = spec["components"]["schemas"]
+
+    def described(schema: dict[str, Any]) -> bool:
+        if "$ref" in schema:
+            target = components[schema["$ref"].rsplit("/", 1)[-1]]
+            return bool(target.get("properties")) and all(described(v) for v in target["properties"].values())
+        if "anyOf" in schema:
+            return all(described(s) for s in schema["anyOf"] if s.get("type") != "null")
+        if schema.get("type") == "array":
+            return described(schema.get("items", {}))
+        if schema.get("type") == "object":  # a map (counts, probabilities): its values must be typed
+            values = schema.get("additionalProperties")
+            return isinstance(values, dict) and described(values)
+        return bool(schema.get("type") or schema.get("enum") or schema.get("const"))
+
+    json_replies = 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            replies = operation["responses"]
+            assert any(code.startswith("2") for code in replies), (method, path)
+            if "{camera_id}" in path:
+                assert {"404", "422"} <= set(replies), (method, path)
+            for code, reply in replies.items():
+                assert reply.get("description"), (method, path, code)
+                for media, body in reply.get("content", {}).items():
+                    if "json" in media:
+                        assert described(body.get("schema", {})), (method, path, code, body)
+                        json_replies += 1
+    assert json_replies >= 20
+    # The routes that reach Redis say they can answer 503.
+    for path, method in (
+        ("/api/stats", "get"),
+        ("/api/cameras", "post"),
+        ("/api/cameras/{camera_id}", "delete"),
+    ):
+        assert "503" in spec["paths"][path][method]["responses"], path
+
+
+def test_redis_outage_shows_reconnecting_then_recovers(rdb: redis.Redis, tmp_path: Any) -> None:
     proxy = CuttableProxy()
     proxy.start()
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.jpg"), np.full((48, 64, 3), 128, np.uint8))
     try:
-        with Feeder(rdb, "cam-r"), TestClient(create_app(settings(redis_url=SecretStr(proxy.url)))) as client:
+        with (
+            Feeder(rdb, "cam-r"),
+            TestClient(
+                create_app(settings(redis_url=SecretStr(proxy.url), source_dirs=[tmp_path]))
+            ) as client,
+        ):
             wait_until(lambda: camera(client, "cam-r")["status"] == "live")
             proxy.cut()
             wait_until(lambda: camera(client, "cam-r")["status"] == "reconnecting", timeout=8)
             assert client.get("/readyz").status_code == 503
             assert client.get("/cameras/cam-r/snapshot.jpg").headers["x-genderlens-kind"] == "reconnecting"
-            assert client.get("/api/stats").status_code == 503
+            # Every route that needs Redis answers 503 (one handler), not 500.
+            for response in (
+                client.get("/api/stats"),
+                client.post("/api/cameras", json={"source": str(folder), "camera_id": "cam-new"}),
+                client.delete("/api/cameras/cam-r"),
+            ):
+                assert response.status_code == 503, (response.request.method, response.text)
+                assert response.json()["detail"].startswith("redis unavailable")
             proxy.restore()
             wait_until(lambda: camera(client, "cam-r")["status"] == "live", timeout=12)
             assert client.get("/readyz").status_code == 200

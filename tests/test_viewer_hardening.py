@@ -383,14 +383,23 @@ def test_captions_near_the_top_left_are_not_hidden_by_the_hud() -> None:
     import cv2
     import numpy as np
 
-    from services.viewer.render import CLASS_COLOURS_BGR, Hud, annotate
+    from services.viewer.palette import bgr, colour_of
+    from services.viewer.render import Hud, annotate
     from services.viewer.tracker import TrackedFace
+
+    classes = ("female", "male")
 
     jpeg, _, _ = photo_jpeg(photo_paths(1)[0], width=640)
     for box in ((4.0, 6.0, 90.0, 90.0), (30.0, 40.0, 80.0, 80.0)):
         face = TrackedFace(7, box, 0.9, "female", 0.93, "female", 0.93)
         out = annotate(
-            jpeg, [face], Hud("a-long-camera-name", 14.9, 87.0), blur=False, blur_all=False, quality=95
+            jpeg,
+            [face],
+            Hud("a-long-camera-name", 14.9, 87.0),
+            blur=False,
+            blur_all=False,
+            quality=95,
+            classes=classes,
         )
         image = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
         x, y = int(box[0]), int(box[1])
@@ -398,7 +407,7 @@ def test_captions_near_the_top_left_are_not_hidden_by_the_hud() -> None:
         best = 0.0
         for rows in (slice(max(0, y - 14), max(1, y - 4)), slice(y + 4, y + 14)):
             strip = image[rows, x + 3 : x + 60].reshape(-1, 3)
-            orange = np.abs(strip - np.array(CLASS_COLOURS_BGR["female"])).max(axis=1) < 60
+            orange = np.abs(strip - np.array(bgr(colour_of("female", classes)))).max(axis=1) < 60
             best = max(best, float(orange.mean()))
         assert best > 0.5, f"caption of a face at {box} hidden ({best:.2f} of its background visible)"
 

@@ -7,9 +7,9 @@ import logging
 import threading
 
 from services.capture.settings import CaptureSettings
-from services.capture.sources import SourceError, parse_source
 from shared.constants import is_valid_camera_id
 from shared.runtime import install_stop_handlers, setup_logging, start_metrics_server
+from shared.sources import SourceError, parse_source
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from services.capture.settings import CaptureSettings
-from services.capture.sources import FrameSource, SourceError, SourceOptions, SourceSpec, open_source
+from services.capture.sources import FrameSource, SourceOptions, open_source
 from shared import constants as C
 from shared.accounting import Accounting
 from shared.schema import MAX_DIMENSION, MAX_PIXELS, CameraInfo, Frame
+from shared.sources import SourceError, SourceSpec
 from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group, publish_event, warn_if_evicting
 
 log = logging.getLogger(__name__)

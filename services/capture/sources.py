@@ -1,7 +1,7 @@
 """Frame sources behind one small protocol and a registry keyed by kind.
 
-A source spec is parsed once (:func:`parse_source`, in ``spec.py``: the contract shared with ``up`` and
-the viewer) into a :class:`SourceSpec`; ``open_source`` builds the registered backend for its kind.
+A source spec is parsed once (``shared.sources.parse_source``: the contract shared with ``up`` and
+the viewer) into a ``SourceSpec``; ``open_source`` builds the registered backend for its kind.
 Kinds: ``webcam`` (``0`` / ``webcam:0``), ``file`` (a video file), ``stream`` (``rtsp://``,
 ``http(s)://``) and ``folder`` (a folder of images, a slideshow).
 """
@@ -19,24 +19,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from services.capture.spec import (
-    IMAGE_SUFFIXES,
-    SourceError,
-    SourceSpec,
-    parse_source,
-    slugify,
-)
-
-__all__ = [
-    "FrameSource",
-    "SourceError",
-    "SourceOptions",
-    "SourceSpec",
-    "open_source",
-    "parse_source",
-    "register_source",
-    "slugify",
-]
+from shared.sources import IMAGE_SUFFIXES, SourceError, SourceSpec
 
 log = logging.getLogger(__name__)
 

@@ -441,6 +441,7 @@ class Worker:
                     classifier.meta.name,
                     classifier.meta.version,
                     applied_threshold(classifier, self.settings.uncertain_threshold),
+                    tuple(classifier.meta.classes),
                 )
                 if classifier
                 else None

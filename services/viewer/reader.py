@@ -29,8 +29,7 @@ from redis.exceptions import ResponseError
 
 from services.viewer import metrics as M
 from services.viewer.appearance import signatures_from_jpeg
-from services.viewer.state import ViewerState
-from services.viewer.tracker import threshold_of
+from services.viewer.state import ViewerState, model_name
 from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import (
@@ -58,7 +57,12 @@ YIELD_EVERY_S = 0.02
 #: at most this often per silent stream; frames streams only while their camera's heartbeat is alive).
 STUCK_CHECK_S = 2.0
 #: Streams not tied to one camera, followed from their newest entries (with how many to read back).
-GLOBAL_STREAMS = ((C.EVENTS_STREAM, 20), (C.MODEL_EVENTS_STREAM, 1), (C.CAMERA_REQUESTS_STREAM, 1000))
+#: Camera requests: all of them (every removal decides which registry entries are stale).
+GLOBAL_STREAMS = (
+    (C.EVENTS_STREAM, 20),
+    (C.MODEL_EVENTS_STREAM, 1),
+    (C.CAMERA_REQUESTS_STREAM, C.CAMERA_REQUESTS_MAXLEN),
+)
 
 DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, OSError)
 
@@ -229,11 +233,7 @@ class Reader:
         latency_s = received_at - result.timestamps.captured
         M.RESULTS.labels(camera_id).inc()
         M.LATENCY.observe(max(0.0, latency_s))
-        # The model shown is the one behind the newest result ("none" while workers have no model).
-        self.state.model = (
-            {"name": result.model.name, "version": result.model.version} if result.model else None
-        )
-        self.state.uncertain_threshold = threshold_of(result) if result.model else None
+        self.state.note_model(result)
         if len(self.state.subscribers):
             self.state.subscribers.publish(
                 {
@@ -242,9 +242,7 @@ class Reader:
                     "seq": result.seq,
                     "frame_id": result.frame_id,
                     "worker": result.worker,
-                    "model": {"name": result.model.name, "version": result.model.version}
-                    if result.model
-                    else None,
+                    "model": model_name(result.model) if result.model else None,
                     "width": result.width,
                     "height": result.height,
                     "latency_ms": round(latency_s * 1000, 1),

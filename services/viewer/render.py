@@ -15,25 +15,15 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from services.viewer.palette import bgr, colour_of, text_on
 from services.viewer.tracker import NO_MODEL, UNCERTAIN, TrackedFace
 from shared.schema import check_jpeg
 
 Image = npt.NDArray[np.uint8]
 
-#: Okabe-Ito palette (distinguishable with the common colour-vision deficiencies), as BGR.
-#: Orange vs sky blue for the two classes; grey for uncertain; reddish purple when there is no model.
-CLASS_COLOURS_BGR: dict[str, tuple[int, int, int]] = {
-    "female": (0, 159, 230),  # #E69F00 orange
-    "male": (233, 180, 86),  # #56B4E9 sky blue
-    UNCERTAIN: (187, 187, 187),  # #BBBBBB grey
-    NO_MODEL: (167, 121, 204),  # #CC79A7 reddish purple
-}
-OTHER_COLOUR_BGR = (66, 228, 240)  # #F0E442 yellow, for any other class name a model might use
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-
-
-def colour_for(label: str) -> tuple[int, int, int]:
-    return CLASS_COLOURS_BGR.get(label, OTHER_COLOUR_BGR)
+#: The HUD's note banner ("no inference ..."): Okabe-Ito yellow.
+NOTE_BGR = bgr("#F0E442")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +122,19 @@ def face_caption(face: TrackedFace) -> str:
     return f"{face.label} {face.confidence * 100:.0f}% #{face.track_id}"
 
 
-def draw_faces(image: Image, faces: Sequence[TrackedFace], reserved_top: int = 0) -> None:
-    """Boxes and captions. A caption goes above its box, or just inside the box's top edge where
-    above would run into the top ``reserved_top`` pixels (the HUD) or off the frame."""
+def draw_faces(
+    image: Image, faces: Sequence[TrackedFace], classes: Sequence[str] = (), reserved_top: int = 0
+) -> None:
+    """Boxes and captions, coloured by the label's place in ``classes`` (the model's class names in
+    its order, see ``palette.py``). A caption goes above its box, or just inside the box's top edge
+    where above would run into the top ``reserved_top`` pixels (the HUD) or off the frame."""
     height, width = image.shape[:2]
     unit = max(width, height) / 1000  # scale strokes and text with the frame, legible when shrunk
     thickness = max(2, round(2.5 * unit))
     for face in faces:
         x1, y1, x2, y2 = _clip_box(face.box, width, height)
-        colour = colour_for(face.label)
+        hex_colour = colour_of(face.label, classes)
+        colour = bgr(hex_colour)
         # A dark outline under every stroke keeps boxes visible on light and dark scenes alike.
         if face.label in (UNCERTAIN, NO_MODEL):
             # A dashed box says "not a verdict" without relying on colour alone.
@@ -155,7 +149,7 @@ def draw_faces(image: Image, faces: Sequence[TrackedFace], reserved_top: int = 0
         (_, th), base = cv2.getTextSize(caption, FONT, scale, text_thick)
         label_h = th + 2 * max(2, int(th * 0.35)) + base // 2
         y = y1 - 2 if y1 - 2 - label_h >= reserved_top else y1 + label_h
-        _text_box(image, caption, (x1, y), scale, (0, 0, 0), colour, text_thick)
+        _text_box(image, caption, (x1, y), scale, text_on(hex_colour), colour, text_thick)
 
 
 def _hud_lines(hud: Hud) -> list[str]:
@@ -205,7 +199,7 @@ def draw_hud(image: Image, hud: Hud, faces: Sequence[TrackedFace] = ()) -> None:
     x, y = _hud_corner(width, height, block, faces, caption_h[0][1] + caption_h[1] + 2 * pad)
     for i, line in enumerate(lines):
         y += line_h[i]
-        fg, bg = ((255, 255, 255), (32, 32, 32)) if i == 0 else ((0, 0, 0), (66, 228, 240))
+        fg, bg = ((255, 255, 255), (32, 32, 32)) if i == 0 else ((0, 0, 0), NOTE_BGR)
         _text_box(image, line, (x, y - (line_h[i] - sizes[i][0][1] - 2 * pad)), scale, fg, bg, thick)
 
 
@@ -217,10 +211,11 @@ def annotate(
     blur: bool,
     blur_all: bool,
     quality: int,
+    classes: Sequence[str] = (),
 ) -> bytes:
     """Decode a frame, blur (if asked), draw faces and the HUD, encode. ``blur_all`` smears the whole
     picture: used when blur is on but no detections are known for this frame, so privacy never
-    depends on inference being up."""
+    depends on inference being up. ``classes``: the model's class names, for the colours."""
     image = decode(jpeg)
     if blur_all:
         height, width = image.shape[:2]
@@ -229,7 +224,7 @@ def annotate(
         blur_faces(image, faces)
     # The HUD first, in a corner clear of the faces, and the faces over it: a label is never hidden.
     draw_hud(image, hud, faces)
-    draw_faces(image, faces)
+    draw_faces(image, faces, classes)
     return encode(image, quality)
 
 

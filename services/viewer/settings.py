@@ -8,9 +8,9 @@ import socket
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from services.capture.spec import SOURCE_DIRS_HELP, SourceDirs, default_source_dirs
 from shared.schema import MAX_FACES
 from shared.settings import CommonSettings
+from shared.sources import SOURCE_DIRS_HELP, SourceDirs, default_source_dirs
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 #: Bind addresses that mean "every interface".

@@ -14,17 +14,35 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final, Literal
 
 from services.viewer import metrics as M
 from services.viewer.appearance import Signature
-from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFace
-from shared.schema import CameraInfo, Event, Frame, Result
+from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFace, threshold_of
+from shared.schema import CameraInfo, Event, Frame, ModelRef, Result
 
 #: Camera status values the page and API show.
-LIVE = "live"
-NO_SIGNAL = "no_signal"
-RECONNECTING = "reconnecting"
+CameraStatus = Literal["live", "no_signal", "reconnecting"]
+LIVE: Final = "live"
+NO_SIGNAL: Final = "no_signal"
+RECONNECTING: Final = "reconnecting"
+#: Show raw frames with a "no inference" note when the newest annotated frame lags the newest frame
+#: by more than this: results are not coming (no worker, or workers far behind).
+NO_INFERENCE_AFTER_S = 1.5
+#: Counts of faces in view are those of the newest result while results keep coming (no older than
+#: this); after that the page shows none, not the last ones as if they were current.
+COUNTS_MAX_AGE_S = NO_INFERENCE_AFTER_S * 2
+
+
+def classes_of(result: Result) -> tuple[str, ...]:
+    """The class names of the model behind a result, in the model's order (its metadata, which the
+    result carries), or from its faces' probabilities (workers older than ``ModelRef.classes``);
+    empty without a model."""
+    if result.model is None:
+        return ()
+    if result.model.classes:
+        return result.model.classes
+    return next((tuple(face.probs) for face in result.faces if face.probs), ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +193,7 @@ class CameraView:
             return None
         return max(0.0, (time.time() if now is None else now) - self.last_frame_at)
 
-    def status(self, redis_ok: bool, no_signal_after_s: float, now: float | None = None) -> str:
+    def status(self, redis_ok: bool, no_signal_after_s: float, now: float | None = None) -> CameraStatus:
         if not redis_ok:
             return RECONNECTING
         age = self.last_frame_age_s(now)
@@ -195,17 +213,23 @@ class CameraView:
         return self.latest_result_at > 0 and now - self.latest_result_at < max_age_s
 
     def counts(self, max_age_s: float | None = None, now: float | None = None) -> dict[str, int]:
-        """Faces in view by shown label (from the newest result). With ``max_age_s``: all zero once
-        that result is older (no worker left, or workers far behind), instead of the last counts
-        standing as if they were current."""
+        """Faces in view by shown label (from the newest result): ``faces``, each class of its model
+        (in the model's order), ``uncertain``, and ``no_model`` when there are such faces. With
+        ``max_age_s``: all zero once that result is older (no worker left, or workers far behind),
+        instead of the last counts standing as if they were current."""
         faces = self.latest_faces
         if max_age_s is not None and not self.inference_live(max_age_s, now):
             faces = ()
-        counts: dict[str, int] = {"faces": len(faces), "female": 0, "male": 0, UNCERTAIN: 0}
+        classes = classes_of(self.latest_result) if self.latest_result is not None else ()
+        counts: dict[str, int] = {"faces": len(faces), **dict.fromkeys(classes, 0), UNCERTAIN: 0}
         for face in faces:
             key = face.label if face.label != NO_MODEL else "no_model"
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+
+def model_name(model: ModelRef) -> dict[str, Any]:
+    return {"name": model.name, "version": model.version}
 
 
 class Subscribers:
@@ -249,11 +273,28 @@ class ViewerState:
     model: dict[str, Any] | None = None  #: model seen in the newest result of any camera
     #: the uncertainty threshold that newest result's worker applied (what the smoothed labels use)
     uncertain_threshold: float | None = None
+    #: that model's class names, in its order (``classes_of``)
+    classes: tuple[str, ...] = ()
     model_event: dict[str, Any] | None = None  #: newest announcement on the model events stream
     subscribers: Subscribers = field(default_factory=Subscribers)
     #: camera id -> when its removal was requested (from the camera requests stream, any viewer)
     removed_at: dict[str, float] = field(default_factory=dict)
-    _cameras_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set on SIGTERM/SIGINT (``stop_streams``): endless responses (MJPEG, WebSocket) end
+    stopping: bool = False
+
+    def stop_streams(self) -> None:
+        """Called by the server on SIGTERM/SIGINT: endless MJPEG responses and WebSockets end
+        (within 0.5 s) instead of holding graceful shutdown until its timeout."""
+        self.stopping = True
+
+    def note_model(self, result: Result) -> None:
+        """The model shown is the one behind the newest result ("none" while workers have none)."""
+        model = result.model
+        same = self.model is not None and model is not None and self.model == model_name(model)
+        self.model = model_name(model) if model else None
+        self.uncertain_threshold = threshold_of(result) if model else None
+        # A result without faces from an older worker does not say its classes: keep the model's.
+        self.classes = classes_of(result) or (self.classes if same else ())
 
     def camera(self, camera_id: str) -> CameraView:
         view = self.cameras.get(camera_id)

@@ -82,27 +82,60 @@ function updateTile(tile, cam) {
 }
 
 // Faces in view per camera: from every result message (so the panel keeps up with the picture)
-// and from the stats once a second (which zero them when results stop coming).
+// and from the stats once a second (which zero them when results stop coming). Counts are keyed by
+// label: "faces", each class of the model (in its order), "uncertain", "no_model".
 const counts = new Map();
 function setCounts(id, c) {
   counts.set(id, c);
   const tile = tiles.get(id);
   if (tile) {
     const n = c.faces || 0;
-    const parts = [["female", "female"], ["male", "male"], ["uncertain", "uncertain"], ["no_model", "no model"]]
-      .filter(([k]) => c[k]).map(([k, name]) => `${c[k]} ${name}`);
+    const parts = Object.entries(c).filter(([k, v]) => k !== "faces" && v)
+      .map(([k, v]) => `${v} ${k === "no_model" ? "no model" : k}`);
     tile.el.querySelector(".faces").textContent =
       `${n} face${n === 1 ? "" : "s"}` + (parts.length ? ` · ${parts.join(", ")}` : "");
   }
   renderTotals();
 }
+
+// One row per class of the model, in the model's order, in the colour its boxes are drawn in.
+let classRows = "";
+function renderClassRows(classes) {
+  const key = JSON.stringify(classes);
+  if (key === classRows) return;
+  classRows = key;
+  const box = document.querySelector(".counts");
+  box.querySelectorAll(".count.cls").forEach((el) => el.remove());
+  const uncertain = box.querySelector(".count.uncertain");
+  for (const c of classes) {
+    const row = document.createElement("div");
+    row.className = "count cls";
+    row.dataset.class = c.name;
+    row.style.borderLeftColor = c.colour;
+    const n = document.createElement("span");
+    n.className = "n";
+    const k = document.createElement("span");
+    k.className = "k";
+    const swatch = document.createElement("i");
+    swatch.className = "sw";
+    swatch.style.background = c.colour;
+    k.append(swatch, c.name); // textContent: a class name is the model's, never markup
+    row.append(n, k);
+    box.insertBefore(row, uncertain);
+  }
+  renderTotals();
+}
+
 function renderTotals() {
-  const t = { faces: 0, female: 0, male: 0, uncertain: 0 };
+  const rows = [...document.querySelectorAll(".count.cls")];
+  const t = new Map([["faces", 0], ["uncertain", 0], ...rows.map((r) => [r.dataset.class, 0])]);
   for (const [id, c] of counts) {
     if (!tiles.has(id)) continue;
-    for (const k of Object.keys(t)) t[k] += c[k] || 0;
+    for (const k of t.keys()) t.set(k, t.get(k) + (c[k] || 0));
   }
-  for (const k of Object.keys(t)) $(`c-${k}`).textContent = t[k];
+  $("c-faces").textContent = t.get("faces");
+  $("c-uncertain").textContent = t.get("uncertain");
+  for (const row of rows) row.querySelector(".n").textContent = t.get(row.dataset.class);
 }
 
 function applyCameras(cameras) {
@@ -136,6 +169,7 @@ function applyStats(s) {
   $("model-pill").textContent = s.model ? `model ${s.model.name} ${s.model.version}` : "no model";
   $("blur-pill").hidden = !s.blur;
   $("thr").textContent = `${Math.round((s.uncertain_threshold || 0) * 100)}%`;
+  renderClassRows(s.classes || []);
   renderStages(s.stages_ms || {});
   renderWorkers(s.worker_list || []);
   renderEvents(s.refused || []);

@@ -1,4 +1,5 @@
-"""Source specs: the contract between the three services that handle a camera source.
+"""Source specs: the contract between the three services that handle a camera source, so it lives
+here and none of them imports another.
 
 ``genderlens up`` (its ``--source`` flags and the camera requests it acts on), the viewer's
 ``POST /api/cameras`` and ``genderlens capture`` all read a spec with :func:`parse_source`:
@@ -14,8 +15,10 @@ nothing about whether a path outside exists. :func:`check_source` then looks at 
 OpenCV can read a frame from, a folder holding an image, a webcam device that exists) without
 connecting to any network stream.
 
-Only the standard library and ``shared`` at import (OpenCV is imported by the probe itself), so this
-module can move to ``shared/`` as it is.
+Only the standard library, pydantic and ``shared`` at import: OpenCV is imported by the probes
+themselves, so the viewer and ``up`` pay for it only when they check a file or folder. URL
+credentials are masked with ``shared.credentials.redact_url``, the one redaction function. Capture's
+frame sources (the backends that open a spec) are in ``services/capture/sources.py``.
 """
 
 from __future__ import annotations
