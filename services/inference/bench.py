@@ -880,8 +880,8 @@ def _table(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from services.inference.pipeline import default_detector
     from services.inference.settings import InferenceSettings
+    from shared.detectors.auto import default_detector
     from shared.runtime import setup_logging
 
     setup_logging("WARNING")
