@@ -21,12 +21,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.inference.bench import build_clip, compare, run_naive, run_pipeline  # noqa: E402
 from services.inference.pipeline import FrameError, FrameOutput, Pipeline  # noqa: E402
 from shared.detectors import DetectorConfig, FaceDetector, create  # noqa: E402
 from shared.detectors.auto import default_detector  # noqa: E402
 from shared.models.archs import build_model  # noqa: E402
 from shared.models.artifact import Classifier, load_artifact, publish_untrained  # noqa: E402
+from tools.bench.clip import build_clip  # noqa: E402
+from tools.bench.inprocess import compare, run_naive, run_pipeline  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yunet"
