@@ -1,6 +1,10 @@
 """The ``genderlens`` command. Each subcommand lives in its own module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their subcommand runs,
 so ``genderlens capture`` and ``genderlens view`` never import torch.
+
+``genderlens bench`` is a development tool: it lives in the source checkout's top-level ``tools/``,
+which no wheel and so no image contains. From a checkout (an editable install) it is found next to
+``services/``; elsewhere the command says so and exits 2.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "view": ("services.viewer.main", "serve the annotated live view and the HTTP API"),
     "train": ("trainer.train", "train a classifier on a face dataset and publish a model version"),
     "eval": ("trainer.evaluate", "evaluate a model end to end on uncropped photos"),
-    "bench": ("services.inference.bench", "benchmark naive loop vs batched pipeline vs full system"),
+    "bench": ("tools.bench.cli", "benchmark naive loop vs batched pipeline vs full system (dev tool)"),
     "models": ("services.models_cli", "list, promote or roll back model versions"),
 }
 
@@ -31,7 +37,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if a in COMMANDS), None)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(
             name,
             help=help_text,
@@ -40,8 +46,30 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         )
         # Only the chosen subcommand's module is imported (and so only it pulls its dependencies).
         if name == wanted:
-            importlib.import_module(module).add_arguments(p)
+            load_command(name).add_arguments(p)
     return parser
+
+
+def load_command(name: str) -> ModuleType:
+    """Import the module of subcommand ``name``. A dev tool (``tools.*``) is looked for in the source
+    checkout this package runs from; where there is none (an image, a wheel install) the command exits
+    with what to install instead of a traceback (a missing extra is the tool's own clear error)."""
+    module = COMMANDS[name][0]
+    if not module.startswith("tools."):
+        return importlib.import_module(module)
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "tools" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise  # a missing dependency of the tool, not the tool itself
+        raise SystemExit(
+            f"genderlens {name}: a development tool, found only in a source checkout of genderlens "
+            f"(its tools/ folder; images and wheels leave it out): install from a checkout with "
+            f"pip install -e '.[{name}]'"
+        ) from None
 
 
 def _quiet_openmp() -> None:
@@ -61,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list)
     args = parser.parse_args(args_list)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    return int(load_command(args.command).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``genderlens bench`` in a reduced mode: it runs every mode end to end and its figures are sane.
+"""``genderlens bench`` (tools/bench) in a reduced mode: it runs every mode end to end and its figures
+are sane; it is reachable through the CLI from a checkout only, and never in the wheel.
 
 No timing thresholds: the CPU is shared and the figures are noisy; docs/benchmarks.md holds real ones.
 A busy machine must not make these tests fail: ``test_a_starved_worker_still_answers_every_frame``
@@ -13,9 +14,11 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("psutil")
 
-from services.inference import bench
-from services.inference.bench import SystemConfig, build_clip, run_system
+from tools.bench import cli as bench
+from tools.bench.clip import build_clip
+from tools.bench.system import SystemConfig, run_system
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yunet"
@@ -182,7 +188,7 @@ def test_a_starved_worker_still_answers_every_frame(tmp_path: Path) -> None:
     by the bench itself. They used to be dropped as stale past 500 ms, so the reduced bench published
     8 frames and answered 2 or 4 under load."""
     clip = build_clip(EVAL, 8, seed=0)
-    _, models_dir, _ = bench._load_classifier(None, "cpu", tmp_path)
+    _, models_dir, _ = bench.load_classifier(None, "cpu", tmp_path)
     cfg = SystemConfig(models_dir, WEIGHTS, "auto", "cpu", batch_size=4, max_wait_ms=5, cameras=2)
     stop = threading.Event()
     starved = _starve_worker_once_ready(2.0, stop)
@@ -193,3 +199,87 @@ def test_a_starved_worker_still_answers_every_frame(tmp_path: Path) -> None:
     assert starved, "the worker was never starved: the test did not test anything"
     assert fig["frames"] == fig["published"] == 8, fig["counters"]
     assert fig["counters"].get("dropped_stale", 0) == 0
+
+
+def test_without_psutil_host_still_reports_and_bench_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """psutil is the bench extra: where it is missing (an image, a plain install) ``host()`` still
+    reports the load, and the command says what to install instead of a traceback."""
+    from tools.bench.measure import host
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ModuleNotFoundError
+    found = host()
+    assert found["cpus"] and len(found["load_avg"]) == 3
+    assert found["busy_processes"] == [] and "psutil" in found["note"]
+    assert bench.run(parse("--frames", "2")) == 2
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_io_timer_counts_only_the_reads_own_time() -> None:
+    """The worker observer the system run uses: a read that waited for its frame to be published
+    counts from the publish on; time in handle() outside the pipeline is Redis I/O too."""
+    from services.inference.worker import Entry
+    from tools.bench.processes import IoTimer
+
+    timer = IoTimer()
+    published = 1_000_000.0
+    entry = Entry("s", "c", f"{int(published * 1000)}-0".encode(), {})
+    timer.on_read([entry], published - 5.0, published + 0.25)  # blocked 5 s waiting for the frame
+    timer.on_read([entry], published + 1.0, published + 1.5)  # the frame was there already
+    timer.on_handled(1, 2.0, 1.5)
+    assert timer.read_s == pytest.approx(0.75)
+    assert timer.redis_io_s == pytest.approx(0.75 + 0.5)
+
+
+def _genderlens(*args: str, cwd: Path, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "services.cli", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_cli_finds_the_tool_in_the_checkout_from_any_folder(tmp_path: Path) -> None:
+    done = _genderlens("bench", "--help", cwd=tmp_path)  # tmp_path: not the checkout
+    assert done.returncode == 0, done.stderr
+    assert "--rate-seconds" in done.stdout and "--compare-detectors" in done.stdout
+
+
+def test_without_a_checkout_bench_is_a_clear_error(tmp_path: Path) -> None:
+    """An installed package without tools/ (what an image holds): exit 1 with what to install."""
+    site = tmp_path / "site" / "services"
+    site.mkdir(parents=True)
+    for name in ("__init__.py", "cli.py"):
+        shutil.copy(REPO / "services" / name, site / name)
+    code = (
+        f"import sys; sys.path.insert(0, {str(site.parent)!r}); import services.cli as cli; "
+        f"assert cli.__file__.startswith({str(site)!r}), cli.__file__; "
+        "raise SystemExit(cli.main(['bench', '--help']))"
+    )
+    done = _genderlens(cwd=tmp_path, code=code)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "development tool" in done.stderr and "pip install -e '.[bench]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_wheel_holds_no_dev_tools(tmp_path: Path) -> None:
+    """What the images install is this wheel: the runtime packages, none of tools/ (nor the dev tools
+    that used to live in services/)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REPO / "pyproject.toml", src)
+    for package in ("shared", "services", "trainer", "tools"):  # tools/ too: the build must leave it out
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*command, "-w", str(tmp_path / "wheels"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "wheels").glob("genderlens-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "services/cli.py" in names and "services/inference/worker.py" in names
+    assert "shared/detectors/auto.py" in names
+    leaked = [n for n in names if n.startswith("tools/") or n.endswith(("bench.py", "flicker.py"))]
+    assert not leaked, leaked

@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 import redis
 
-from services.viewer.flicker import make_clip
 from services.viewer.palette import CLASS_COLOURS, NO_MODEL_COLOUR, UNCERTAIN_COLOUR, bgr
 from shared import constants as C
 from shared.schema import CameraRequest, Event
@@ -45,6 +44,7 @@ from tests.test_viewer_support import (
     sharpness,
     wait_until,
 )
+from tools.flicker import make_clip
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 

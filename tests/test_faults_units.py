@@ -236,6 +236,43 @@ def test_stale_frames_are_dropped_not_processed(server: RedisServer, tmp_path: P
     assert stats[C.STAT_DROPPED_STALE] == 3 and pipeline.calls == 0
 
 
+class _Recorder:
+    """A ``WorkerObserver`` that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[list[bytes], float, float]] = []
+        self.handled: list[tuple[int, float, float]] = []
+
+    def on_read(self, entries: Any, started: float, finished: float) -> None:
+        self.reads.append(([e.entry_id for e in entries], started, finished))
+
+    def on_handled(self, entries: int, seconds: float, pipeline_seconds: float) -> None:
+        self.handled.append((entries, seconds, pipeline_seconds))
+
+
+def test_an_observer_sees_every_read_and_batch_and_changes_nothing(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The hooks the benchmark times the worker with (instead of patching its methods)."""
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    acc = _register(client)
+    ids = [acc.publish(CAM, _fields(_frame(seq=i)), 100).entry_id for i in range(5)]
+    worker = _worker(server, tmp_path, StubPipeline(), batch_size=8)
+    observer = _Recorder()
+    worker.observer = observer
+    worker._refresh_cameras()
+    before = time.time()
+    worker._step()
+    (read,) = observer.reads
+    assert read[0] == ids and before <= read[1] <= read[2] <= time.time()
+    (handled,) = observer.handled
+    assert handled[0] == 5 and handled[1] >= handled[2] >= 0
+    stats = read_stats(client, CAM)
+    assert stats[C.STAT_PROCESSED] == 5 and unaccounted(stats) == 0
+    worker._step()  # nothing left to read: nothing to report
+    assert len(observer.reads) == 1 and len(observer.handled) == 1
+
+
 # -- model manager ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_a_broken_artifact_is_refused_and_the_previous_keeps_serving(tmp_path: Path, how: str) -> None:

@@ -7,6 +7,8 @@ classifier is an untrained gendernet made decisive (scaled head) so labels are f
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,16 +21,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.inference.bench import build_clip, compare, run_naive, run_pipeline  # noqa: E402
-from services.inference.pipeline import (  # noqa: E402
-    FrameError,
-    FrameOutput,
-    Pipeline,
-    default_detector,
-)
+from services.inference.pipeline import FrameError, FrameOutput, Pipeline  # noqa: E402
 from shared.detectors import DetectorConfig, FaceDetector, create  # noqa: E402
+from shared.detectors.auto import default_detector  # noqa: E402
 from shared.models.archs import build_model  # noqa: E402
 from shared.models.artifact import Classifier, load_artifact, publish_untrained  # noqa: E402
+from tools.bench.clip import build_clip  # noqa: E402
+from tools.bench.inprocess import compare, run_naive, run_pipeline  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yunet"
@@ -243,6 +242,26 @@ def test_auto_detector_resolves_by_device_and_threads() -> None:
     assert default_detector("cpu", threads=2) == "cv2-yunet"
     det = create("auto", DetectorConfig(weights_dir=WEIGHTS, device="cpu"))
     assert det.name == "torch-yunet"  # this module runs torch on one thread
+
+
+def test_auto_is_in_the_registry_whoever_imports_it_and_the_pipeline_registers_nothing() -> None:
+    """The detector "auto" used to be registered as a side effect of importing the pipeline: a caller
+    of ``shared.detectors`` alone (eval, a tool) got "unknown detector 'auto'"."""
+    code = f"""
+import sys
+from shared import detectors
+assert "auto" in detectors.available(), detectors.available()
+det = detectors.create("auto", detectors.DetectorConfig(weights_dir={str(WEIGHTS)!r}))
+assert det.name in ("cv2-yunet", "torch-yunet"), det.name
+assert "services.inference.pipeline" not in sys.modules
+before = dict(detectors._REGISTRY)
+import services.inference.pipeline
+assert detectors._REGISTRY == before, "importing the pipeline changed the detector registry"
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_naive_loop_and_pipeline_give_identical_outputs(classifier: Classifier, jpegs: list[bytes]) -> None:

@@ -100,10 +100,10 @@ def far_faces(raw: Any, images: Sequence[npt.NDArray[np.uint8]], long_side: int 
 
 def empty_frames(raw: Any, images: Sequence[npt.NDArray[np.uint8]], n: int) -> list[npt.NDArray[np.uint8]]:
     """Photos at 640x480, blurred so much that no face is found at any side (checked)."""
-    frames = []
+    frames: list[npt.NDArray[np.uint8]] = []
     for image in images:
-        frame = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
-        frame = np.asarray(cv2.GaussianBlur(frame, (0, 0), 40), np.uint8)
+        small = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
+        frame = np.asarray(cv2.GaussianBlur(small, (0, 0), 40), np.uint8)
         if all(len(raw.detect([frame], s)[0]) == 0 for s in (640, 320, 200)):
             frames.append(frame)
         if len(frames) == n:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     paths = _photos(args.photos, args.limit)
-    images = [im for im in (cv2.imread(str(p)) for p in paths) if im is not None]
+    images = [np.asarray(im, np.uint8) for im in (cv2.imread(str(p)) for p in paths) if im is not None]
     raw = create("cv2-yunet", DetectorConfig(weights_dir=args.weights_dir, fallback_sides=()))
     report: dict[str, Any] = {"photos": str(args.photos), "n": len(images), "threads": args.threads}
     parts = set(args.parts.split(","))

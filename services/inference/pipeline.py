@@ -33,7 +33,7 @@ import numpy.typing as npt
 import torch
 from prometheus_client import Counter
 
-from shared.detectors import Detections, DetectorConfig, FaceDetector, create, register
+from shared.detectors import Detections, FaceDetector
 from shared.detectors.fallback import fallback_stats
 from shared.models.artifact import UNKNOWN, Classifier, label_for
 from shared.preprocess import align_faces, stack_frames
@@ -50,35 +50,6 @@ DETECTOR_FALLBACK = Counter(
     ["outcome"],
 )
 _FALLBACK_OUTCOMES = ("retried", "recovered", "skipped_by_budget", "too_small")
-
-
-def default_detector(device: str | torch.device, threads: int | None = None) -> str:
-    """What ``detector = "auto"`` resolves to, from measurements on the same frames
-    (docs/benchmarks.md, runs D-F):
-
-    * GPU: torch-yunet, the batched one, which keeps the frames on the device from decode to
-      classification;
-    * CPU with one torch thread (``torch_threads=1``, one worker per core: the recommended CPU set-up):
-      torch-yunet, 93 vs 72 frames/s for the whole pipeline;
-    * CPU with more threads: cv2-yunet. The CLI makes OpenMP threads sleep at barriers
-      (OMP_WAIT_POLICY=PASSIVE, which keeps a worker from collapsing when its cores are shared), and
-      that costs torch-yunet's hundreds of small parallel regions more than OpenCV's own thread pool:
-      106 vs 77 frames/s.
-
-    ``threads``: the torch thread count to decide for; None = this process's current one (the worker
-    resolves after applying its torch_threads setting).
-    """
-    if torch.device(device).type != "cpu":
-        return "torch-yunet"
-    n = torch.get_num_threads() if threads is None else threads
-    return "torch-yunet" if n <= 1 else "cv2-yunet"
-
-
-@register("auto")
-def _auto_detector(config: DetectorConfig) -> FaceDetector:
-    """The registry entry behind ``detector = "auto"`` (the setting's default): registered here, where
-    the worker's pipeline is built, because the choice is the pipeline's (device and threads)."""
-    return create(default_detector(config.device), config)
 
 
 def applied_threshold(classifier: Classifier, override: float | None) -> float:

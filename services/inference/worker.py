@@ -22,6 +22,10 @@ One camera's bad state stays that camera's problem: an error that belongs to one
 wrong type where its frames stream belongs, say) sets that stream aside (``shared.streams.Quarantine``,
 retried on its own backoff, reported once as an event and on ``genderlens_worker_camera_isolated``)
 while every other camera keeps flowing.
+
+A :class:`WorkerObserver` given to the worker sees every read and every handled batch with their
+timings (``tools/bench`` measures the worker's Redis I/O with it); the worker behaves the same with or
+without one.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
@@ -130,6 +135,20 @@ class Entry:
     deliveries: int = 1
 
 
+class WorkerObserver(Protocol):
+    """Hooks that let a caller measure a running worker (the benchmark's Redis I/O figure) without
+    patching its methods. They are called on the worker's own thread, so they must be quick; an
+    exception from one is handled like any other error of the loop (logged, the loop goes on)."""
+
+    def on_read(self, entries: Sequence[Entry], started: float, finished: float) -> None:
+        """A read (XREADGROUP over the frames streams) returned ``entries``; ``started`` and
+        ``finished`` are ``time.time()`` around it (comparable with the entries' stream ids)."""
+
+    def on_handled(self, entries: int, seconds: float, pipeline_seconds: float) -> None:
+        """``handle`` settled ``entries`` entries in ``seconds`` (perf_counter), ``pipeline_seconds``
+        of which were spent in the pipeline (``Pipeline.process``, retries included)."""
+
+
 class Worker:
     def __init__(
         self,
@@ -139,6 +158,7 @@ class Worker:
         stop: threading.Event,
         name: str,
         client: redis.Redis | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
@@ -161,6 +181,8 @@ class Worker:
         self._policy_checked = False
         self.counts: dict[str, int] = defaultdict(int)
         self._health = Path(settings.health_file) if settings.health_file else None
+        #: Optional timing hooks (see :class:`WorkerObserver`); None = nothing is reported.
+        self.observer = observer
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -323,6 +345,7 @@ class Worker:
     def _read(self, count: int, block_ms: int) -> list[Entry]:
         if not self._streams:
             return []
+        started = time.time()
         try:
             reply: Any = self.client.xreadgroup(
                 C.INFERENCE_GROUP,
@@ -343,6 +366,8 @@ class Worker:
             stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
             for entry_id, fields in items:
                 entries.append(Entry(stream, self._streams[stream], bytes(entry_id), dict(fields or {})))
+        if entries and self.observer is not None:
+            self.observer.on_read(entries, started, time.time())
         return entries
 
     def _claim(self) -> list[Entry]:
@@ -410,6 +435,8 @@ class Worker:
     # -- handling ----------------------------------------------------------------------------------
     def handle(self, entries: list[Entry]) -> None:
         """Sort, process and settle one batch; every entry ends acked with exactly one outcome."""
+        started = time.perf_counter()
+        pipeline_s = 0.0
         read_at = time.time()
         pipe = self.client.pipeline(transaction=False)
         settles: list[tuple[Entry, str]] = []  # in the pipeline's order, to read its replies back
@@ -435,7 +462,9 @@ class Worker:
         MODEL_INFO.set(1 if classifier else 0)
         if good:
             BATCH.observe(len(good))
+            before = time.perf_counter()
             outputs = self._process(good, classifier)
+            pipeline_s = time.perf_counter() - before
             model = (
                 ModelRef(
                     classifier.meta.name,
@@ -465,6 +494,8 @@ class Worker:
                 else:
                     settles.append((entry, self._publish_result(pipe, entry, frame, out, model, read_at)))
         self._count_settled(settles, pipe.execute(raise_on_error=False))
+        if self.observer is not None:
+            self.observer.on_handled(len(entries), time.perf_counter() - started, pipeline_s)
 
     def _publish_result(
         self, pipe: Any, entry: Entry, frame: Frame, out: FrameOutput, model: ModelRef | None, read_at: float

@@ -2,7 +2,8 @@
 
 A backend module registers itself with ``@register("name")``; ``create(name, config)`` builds one and an
 unknown name is a clear error at start-up. Backends whose dependencies are heavy (torch) are imported
-lazily by name so a service that never asks for them never imports them.
+lazily by name so a service that never asks for them never imports them. ``"auto"`` is one of them: it
+picks cv2-yunet or torch-yunet for the device and threads (:mod:`shared.detectors.auto`).
 
 Detection policy (one for every caller: worker, eval, the trainer's crop cache): frames are downscaled to
 ``max_side`` (640) on the long side; when no face is found there, ``create`` wraps the backend so that the
@@ -87,6 +88,7 @@ _REGISTRY: dict[str, Callable[[DetectorConfig], FaceDetector]] = {}
 _LAZY: dict[str, str] = {
     "cv2-yunet": "shared.detectors.cv2_yunet",
     "torch-yunet": "shared.detectors.torch_yunet",
+    "auto": "shared.detectors.auto",
 }
 
 

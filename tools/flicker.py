@@ -1,7 +1,7 @@
 """Measure label flicker on a real clip: raw per-frame labels vs the viewer's tracked, smoothed labels.
 
-    python -m services.viewer.flicker --models-dir models --weights-dir ../shared/weights/yunet
-    python -m services.viewer.flicker --cuts     # every person replaced by the next in the same place
+    python -m tools.flicker --models-dir models --weights-dir ../shared/weights/yunet
+    python -m tools.flicker --cuts     # every person replaced by the next in the same place
 
 1. A clip is made from real photos (``../shared/data/faces/eval``): each photo is filmed for a few
    seconds with a slow zoom and pan plus sensor noise and MJPG compression, so every frame differs a
@@ -17,8 +17,8 @@ leaving and another sitting down; genders alternate), and the replay also measur
 previous person's label stays on the new one (``wrong_after_cut_s``), with the tracker's identity
 checks (appearance signatures of the face crops, class probabilities) on and off (``*_before``).
 
-This is a development tool (it imports torch through the inference pipeline); the viewer never
-imports it.
+A development tool (in ``tools/``, in no image): it runs the inference pipeline (torch) and replays
+its results through the viewer's tracker; no service imports it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from shared.schema import ModelRef, Result, Timestamps
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARED = Path(__file__).resolve().parents[3] / "shared"
+DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def pick_photos(eval_dir: Path, n: int, seed: int = 0) -> list[Path]:

@@ -1,6 +1,6 @@
-"""CPU speed of cv2-yunet vs torch-yunet on the same 640x480 frames (not collected by pytest).
+"""CPU speed of cv2-yunet vs torch-yunet on the same 640x480 frames (a dev tool).
 
-    .venv/bin/python tests/bench_torch_yunet.py [--threads 1] [--frames 64] [--repeats 5]
+    .venv/bin/python -m tools.bench_torch_yunet [--threads 1] [--frames 64] [--repeats 5]
 
 Frames are eval photos stretched to 640x480 (no downscale needed, so both backends time detection only).
 Rounds interleave all cases; best and median rounds are reported, since the CPU is shared.
@@ -27,6 +27,8 @@ def frames(count: int) -> list[npt.NDArray[np.uint8]]:
     out = []
     for p in paths:
         image = cv2.imread(str(p))
+        if image is None:
+            raise FileNotFoundError(f"unreadable photo {p}")
         out.append(np.asarray(cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA), np.uint8))
     return out
 
