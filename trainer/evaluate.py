@@ -172,7 +172,10 @@ def evaluate(
         if pick is None:
             outcomes.append(Outcome(s, False, False, None))
             continue
-        crop = crop_faces_bgr(image, dets.landmarks[pick : pick + 1], clf.meta.input_size, clf.meta.margin)[0]
+        meta = clf.meta
+        crop = crop_faces_bgr(
+            image, dets.landmarks[pick : pick + 1], meta.input_size, meta.margin, meta.template
+        )[0]
         pending.append((s, crop))
         if len(pending) >= batch:
             flush()

@@ -273,7 +273,7 @@ def run_naive(
                 patch = image[max(y, 0) : max(y + h, 1), max(x, 0) : max(x + w, 1)]
                 crop = cv2.resize(patch, (size, size))[None, :, :, ::-1]  # BGR -> RGB
             else:
-                crop = crop_faces_bgr(image, lms[None], size, meta.margin)
+                crop = crop_faces_bgr(image, lms[None], size, meta.margin, meta.template)
             tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2)
             t4 = time.perf_counter()
             probs = classifier.predict(tensor)  # normalise + forward (batch of one) + softmax

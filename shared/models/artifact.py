@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from shared.models.archs import ARCHITECTURES, build_model
-from shared.preprocess import PREPROCESS_VERSION, normalize
+from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, TEMPLATES, normalize
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,14 @@ class ModelMeta(BaseModel):
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
     preprocess_version: int
+    #: The alignment template the crops are framed with (``shared.preprocess.TEMPLATES``): part of the
+    #: contract, because a pretrained backbone expects the framing it was trained on.
+    template: str = DEFAULT_TEMPLATE
+    #: What the model is, for people (``models list``): the pretrained backbone it is built on (None:
+    #: trained from scratch) and how it was trained ("scratch", "frozen": backbone features + a trained
+    #: head, "finetune": the backbone's last blocks trained too).
+    backbone: str | None = None
+    mode: str | None = None
     #: Below this top-class probability a face is reported as ``uncertain`` (the serving setting may
     #: override it); chosen on the validation split, see the model card.
     uncertain_threshold: float = Field(0.6, ge=0.0, le=1.0)
@@ -243,6 +251,8 @@ def read_meta(path: Path) -> ModelMeta:
         )
     if meta.arch not in ARCHITECTURES:
         raise ArtifactError(f"{path}: unknown architecture {meta.arch!r}")
+    if meta.template not in TEMPLATES:
+        raise ArtifactError(f"{path}: unknown alignment template {meta.template!r}")
     return meta
 
 
