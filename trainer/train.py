@@ -41,6 +41,7 @@ from trainer.data import FORMATS, DatasetError, read_dataset
 from trainer.faces import make_detector
 from trainer.features import extract_view, fit_head, weights_digest
 from trainer.pretrained import BACKBONES, backbone_state
+from trainer.proxies import proxy_accuracies
 from trainer.report import classification_report, plots, to_json
 from trainer.split import DUP_GROUPS_FILE, make_split, read_duplicate_groups
 
@@ -781,6 +782,11 @@ def run(args: argparse.Namespace) -> int:
         [catalog.samples[i].group for i in split.val.tolist()],
         [catalog.samples[i].age for i in split.val.tolist()],
     )
+    val_crops = crops[torch.from_numpy(split.val)]
+    val_report["proxies"] = proxy_accuracies(
+        lambda c: predict_logits(model, c, np.arange(len(c)), mean, std, device), val_crops, val_labels
+    )
+    _say("validation: " + _summary_line(val_report))
     conf = test_probs.max(axis=1)
     report["uncertain_rate"] = float((conf < threshold).mean())
     certain = conf >= threshold
@@ -871,6 +877,20 @@ def run(args: argparse.Namespace) -> int:
         url = args.redis_url or settings.redis_url.get_secret_value()
         announce(url, meta, settings.redis_timeout_s)
     return 0
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    """Accuracy, the proxies, and the breakdowns that choices are made on (validation split)."""
+
+    def acc(rows: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {100 * v['accuracy']:.1f}" for k, v in rows.items())
+
+    proxies = ", ".join(f"{k} {100 * v:.2f}" for k, v in report.get("proxies", {}).items())
+    return (
+        f"accuracy {100 * report['accuracy']:.2f}% (NLL {report['nll']:.4f}, ECE {report['ece']:.4f}); "
+        f"proxies: {proxies}; per class: {acc(report['per_class'])}; per group: {acc(report['per_group'])}; "
+        f"per age: {acc(report['per_age'])}"
+    )
 
 
 def _command_line() -> str:
