@@ -3,7 +3,8 @@
 A pretrained backbone that does not train gives the same embedding for a chip every epoch, so the
 trainer computes it once per *view* of each chip and keeps it: ``plain`` and ``flip`` for every usable
 chip, and ``aug1..augK`` (the trainer's own webcam-style augmentation, seeded) for the training split,
-so the head also learns from grayscale, dark, blurred and JPEG-damaged faces. Fitting the head then
+so the head also learns from grayscale, dark, blurred and JPEG-damaged faces; ``gray`` and ``dark``
+(the validation proxies of :mod:`trainer.proxies`) for choosing head settings. Fitting the head then
 takes seconds, and a later run with other head settings starts at once.
 
 The cache is written in chunks (``chunk-00012.npy``), each atomically, so an interrupted extraction
@@ -30,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trainer.augment import AugmentConfig, augment
+from trainer.proxies import darken, grayscale
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ def _view_batch(
         return crops.to(device).float() / 255.0
     if view == "flip":
         return crops.to(device).float().flip(3) / 255.0
+    if view == "gray":
+        return grayscale(crops).to(device).float() / 255.0
+    if view == "dark":
+        return darken(crops, seed).to(device).float() / 255.0
     gen = torch.Generator().manual_seed(seed)
     return augment(crops, gen, cfg, device)
 
