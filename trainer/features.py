@@ -119,6 +119,17 @@ def extract_view(
     return FeatureSet(index, torch.cat(parts) if parts else torch.zeros((0, 0)))
 
 
+def age_balance_weights(ages: list[str | None], cap: float = 4.0) -> torch.Tensor:
+    """Per-sample weights that give every age band the same total weight (at most ``cap`` times the
+    largest band's per-image weight), normalised to mean 1; images without an age weigh 1."""
+    counts: dict[str | None, int] = {}
+    for a in ages:
+        counts[a] = counts.get(a, 0) + 1
+    top = max((n for a, n in counts.items() if a is not None), default=1)
+    w = torch.tensor([1.0 if a is None else min(cap, top / counts[a]) for a in ages])
+    return w / w.mean()
+
+
 @dataclass
 class HeadFit:
     state: dict[str, torch.Tensor]

@@ -39,7 +39,7 @@ from trainer.augment import AugmentConfig, augment
 from trainer.cache import NO_FACE_POLICIES, STATUS_NO_FACE, STATUS_UNREADABLE, build_or_load
 from trainer.data import FORMATS, DatasetError, read_dataset
 from trainer.faces import make_detector
-from trainer.features import extract_view, fit_head, weights_digest
+from trainer.features import age_balance_weights, extract_view, fit_head, weights_digest
 from trainer.pretrained import BACKBONES, backbone_state
 from trainer.proxies import proxy_accuracies
 from trainer.report import classification_report, plots, to_json
@@ -132,6 +132,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "chip and its mirror image)",
     )
     p.add_argument("--head-epochs", type=int, default=60, help="frozen/finetune: epochs of head fitting")
+    p.add_argument(
+        "--balance-ages",
+        action="store_true",
+        help="frozen/finetune head fitting: weight each age band equally in total (at most 4x per "
+        "image), so children and the old are not drowned by the 20-39s",
+    )
     p.add_argument(
         "--head-hidden",
         type=int,
@@ -417,6 +423,7 @@ def _fit_head_on_features(
     split: Any,
     labels_all: torch.Tensor,
     crop_cache: Path,
+    catalog_ages: list[str | None],
     mean: torch.Tensor,
     std: torch.Tensor,
     device: torch.device,
@@ -442,6 +449,9 @@ def _fit_head_on_features(
     val_x = feats["plain"].values[torch.tensor([pos[int(i)] for i in split.val.tolist()])]
     val_y = labels_all[torch.from_numpy(split.val)]
     head: nn.Module = model.head  # type: ignore[assignment]
+    weights = None
+    if args.balance_ages:
+        weights = age_balance_weights([catalog_ages[i] for i in split.train.tolist()]).repeat(len(views))
     fit = fit_head(
         head.cpu(),
         train_x,
@@ -453,6 +463,7 @@ def _fit_head_on_features(
         weight_decay=config["weight_decay"],
         label_smoothing=config["label_smoothing"],
         seed=config["seed"],
+        sample_weight=weights,
     )
     head.load_state_dict(fit.state)
     head.to(device)
@@ -631,7 +642,18 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs
     if mode != "scratch" and checkpoint is None:
         fit = _fit_head_on_features(
-            args, model, crops, split, labels_all, cache.path, mean, std, device, config, aug_cfg
+            args,
+            model,
+            crops,
+            split,
+            labels_all,
+            cache.path,
+            [s.age for s in catalog.samples],
+            mean,
+            std,
+            device,
+            config,
+            aug_cfg,
         )
         history = fit.history
         if mode == "frozen":
