@@ -114,3 +114,14 @@ def test_embedding_cache_resumes_chunk_by_chunk(tmp_path: Path, monkeypatch: pyt
     second = extract_view(embed, crops, index, "plain", tmp_path, mean, std, torch.device("cpu"))
     assert sum(calls) == 4
     assert torch.allclose(first.values, second.values, atol=1e-6)
+
+
+def test_age_balance_weights_give_each_band_the_same_total() -> None:
+    from trainer.features import age_balance_weights
+
+    ages = ["20-29"] * 8 + ["3-9"] * 2 + ["0-2"] * 1 + [None]
+    w = age_balance_weights(ages, cap=4.0)
+    assert w.mean().item() == pytest.approx(1.0)
+    total = {band: float(w[[i for i, a in enumerate(ages) if a == band]].sum()) for band in ("20-29", "3-9")}
+    assert total["20-29"] == pytest.approx(total["3-9"])  # 8 x 1 vs 2 x 4
+    assert float(w[10]) == pytest.approx(float(w[8]))  # the single 0-2 image is capped at 4x too

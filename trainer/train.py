@@ -11,6 +11,7 @@ split (class-balance bias and temperature, folded into the last layer so serving
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -805,6 +806,7 @@ def run(args: argparse.Namespace) -> int:
         [catalog.samples[i].age for i in split.val.tolist()],
     )
     val_crops = crops[torch.from_numpy(split.val)]
+    cpu_bf16 = backbone is not None and _bf16_agrees(model, val_crops, mean, std, val_report)
     val_report["proxies"] = proxy_accuracies(
         lambda c: predict_logits(model, c, np.arange(len(c)), mean, std, device), val_crops, val_labels
     )
@@ -882,6 +884,7 @@ def run(args: argparse.Namespace) -> int:
         template=config["template"],
         backbone=backbone.name if backbone is not None else None,
         mode=mode,
+        cpu_bf16=cpu_bf16,
         margin=config["margin"],
         mean=mean_l,
         std=std_l,
@@ -899,6 +902,37 @@ def run(args: argparse.Namespace) -> int:
         url = args.redis_url or settings.redis_url.get_secret_value()
         announce(url, meta, settings.redis_timeout_s)
     return 0
+
+
+#: bfloat16 serving is allowed when at most this share of validation labels change against float32.
+BF16_MAX_FLIPS = 0.002
+
+
+def _bf16_agrees(
+    model: nn.Module, crops: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, report: dict[str, Any]
+) -> bool:
+    """Compare float32 and bfloat16 CPU forward passes on the validation chips (only where this CPU
+    computes bf16 natively: elsewhere it is slow and the artifact is served in float32 anyway).
+    Records the figures under ``report["cpu_bf16"]``."""
+    from shared.models.artifact import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        report["cpu_bf16"] = {"checked": False, "reason": "no native bf16 on the training CPU"}
+        return False
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    idx = np.arange(len(crops))
+    cpu = torch.device("cpu")
+    m, s = mean.cpu(), std.cpu()
+    fp32 = predict_logits(cpu_model, crops, idx, m, s, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = predict_logits(cpu_model, crops, idx, m, s, cpu)
+    flips = float((fp32.argmax(1) != bf16.argmax(1)).float().mean())
+    diff = float((fp32.softmax(1) - bf16.softmax(1)).abs().max())
+    report["cpu_bf16"] = {"checked": True, "label_flips": flips, "max_prob_diff": diff}
+    _say(
+        f"bfloat16 on CPU: {100 * flips:.2f}% of validation labels change, max probability change {diff:.4f}"
+    )
+    return flips <= BF16_MAX_FLIPS
 
 
 def _summary_line(report: dict[str, Any]) -> str:

@@ -70,6 +70,9 @@ class ModelMeta(BaseModel):
     #: head, "finetune": the backbone's last blocks trained too).
     backbone: str | None = None
     mode: str | None = None
+    #: Serve the forward pass in bfloat16 on CPUs that compute it natively (AVX512-BF16 / AMX): set by
+    #: the trainer only when the validation split's labels agree with float32 (see the model card).
+    cpu_bf16: bool = False
     #: Below this top-class probability a face is reported as ``uncertain`` (the serving setting may
     #: override it); chosen on the validation split, see the model card.
     uncertain_threshold: float = Field(0.6, ge=0.0, le=1.0)
@@ -274,6 +277,8 @@ class Classifier:
     module: nn.Module
     device: torch.device
     path: Path
+    #: bfloat16 autocast on this CPU (the artifact allows it and the CPU computes bf16 natively).
+    cpu_bf16: bool = False
 
     @torch.inference_mode()
     def predict(self, crops: torch.Tensor) -> torch.Tensor:
@@ -285,9 +290,20 @@ class Classifier:
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.module(x)
+        elif self.cpu_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = self.module(x)
         else:
             logits = self.module(x)
         return torch.softmax(logits.float(), dim=1)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (oneDNN's check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
@@ -308,7 +324,8 @@ def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
         raise ArtifactError(f"{path}: weights do not fit {meta.arch} {meta.arch_config}: {exc}") from exc
     dev = torch.device(device)
     module = module.to(dev).eval().to(memory_format=torch.channels_last)
-    clf = Classifier(meta=meta, module=module, device=dev, path=path)
+    bf16 = meta.cpu_bf16 and dev.type == "cpu" and cpu_has_native_bf16()
+    clf = Classifier(meta=meta, module=module, device=dev, path=path, cpu_bf16=bf16)
     probs = clf.predict(probe_input(meta))
     if tuple(probs.shape) != (2, len(meta.classes)) or not torch.isfinite(probs).all():
         raise ArtifactError(f"{path}: probe forward pass gave {tuple(probs.shape)} / non-finite output")
