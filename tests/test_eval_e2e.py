@@ -36,7 +36,8 @@ def test_committed_default_model_loads() -> None:
     assert art is not None, "models/current is missing: the default model must be committed"
     clf = load_artifact(art)
     assert clf.meta.classes == ["female", "male"]
-    assert (art / "model.safetensors").stat().st_size < 5 * 1024 * 1024
+    # The budget for the default artifact: whatever the backbone needs, up to 30 MB.
+    assert (art / "model.safetensors").stat().st_size <= 30 * 1024 * 1024
 
 
 def _subset(dest: Path, per_cell: int = 3, extra: tuple[str, ...] = ()) -> list[dict[str, str]]:

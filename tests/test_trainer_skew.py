@@ -3,7 +3,9 @@
 The inference worker (CPU route) detects on the decoded BGR frames, stacks them into one padded batch,
 calls ``shared.preprocess.align_faces`` with every face's landmarks and swaps BGR->RGB on the crops. The
 trainer calls ``crop_faces_bgr`` one image at a time and keeps the face nearest the centre. Here both
-paths run on the same real training chips (and a real eval photo) and must give the same pixels.
+paths run on the same real training chips (and a real eval photo) and must give the same pixels, for
+every chip contract in use: gendernet's 64 px ``utkface`` framing and the dlib backbone's 150 px ``dlib``
+framing (the template is read from one place, ``shared.preprocess.TEMPLATES``, by both paths).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ WEIGHTS = SHARED / "weights" / "yunet"
 @pytest.mark.skipif(
     not (TRAIN / "female").is_dir() or not WEIGHTS.is_dir(), reason=f"needs face data and weights in {SHARED}"
 )
-def test_cached_training_crops_equal_serving_crops(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("size", "template"), [(64, "utkface"), (150, "dlib")])
+def test_cached_training_crops_equal_serving_crops(tmp_path: Path, size: int, template: str) -> None:
     data = tmp_path / "d"
     for label in ("female", "male"):
         (data / label).mkdir(parents=True)
@@ -39,7 +42,7 @@ def test_cached_training_crops_equal_serving_crops(tmp_path: Path) -> None:
         (data / "male" / src.name).symlink_to(src)
     catalog = read_folder(data)
     detector = make_detector(weights_dir=WEIGHTS)
-    cache = build_or_load(catalog, tmp_path / "cache", detector, 64, 1.0)
+    cache = build_or_load(catalog, tmp_path / "cache", detector, size, 1.0, template=template)
     assert (cache.status == STATUS_OK).all()
 
     # The serving route: one padded BGR batch, all faces at once, channels swapped on the crops.
@@ -51,7 +54,7 @@ def test_cached_training_crops_equal_serving_crops(tmp_path: Path) -> None:
     counts = torch.tensor([len(d) for d in dets])
     index = torch.repeat_interleave(torch.arange(len(bgr)), counts)
     landmarks = torch.from_numpy(np.concatenate([d.landmarks for d in dets]))
-    served = align_faces(frames, index, landmarks, 64, 1.0).flip(1)
+    served = align_faces(frames, index, landmarks, size, 1.0, template).flip(1)
     offsets = np.concatenate([[0], np.cumsum(counts.numpy())])
     for i, (im, det) in enumerate(zip(bgr, dets, strict=True)):
         pick = central_face(det, im.shape[1], im.shape[0])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from shared.detectors import FaceDetector
 from shared.detectors.fallback import fallback_stats
-from shared.preprocess import PREPROCESS_VERSION, crop_faces_bgr
+from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, crop_faces_bgr
 from trainer.data import Catalog, FaceImageDataset
 from trainer.faces import central_face
 
@@ -53,7 +53,14 @@ class CropCache:
         return np.asarray(self.status == STATUS_OK)
 
 
-def cache_key(catalog: Catalog, size: int, margin: float, detector: FaceDetector, no_face: str) -> str:
+def cache_key(
+    catalog: Catalog,
+    size: int,
+    margin: float,
+    detector: FaceDetector,
+    no_face: str,
+    template: str = DEFAULT_TEMPLATE,
+) -> str:
     h = hashlib.sha256()
     cfg = getattr(detector, "config", None)
     settings = {
@@ -67,6 +74,8 @@ def cache_key(catalog: Catalog, size: int, margin: float, detector: FaceDetector
         "fallback_sides": list(getattr(cfg, "fallback_sides", ())),
         "no_face": no_face,
     }
+    if template != DEFAULT_TEMPLATE:  # keeps the keys of existing caches of the default framing
+        settings["template"] = template
     h.update(json.dumps(settings, sort_keys=True).encode())
     for s in catalog.samples:
         st = s.path.stat()
@@ -90,11 +99,12 @@ def build_or_load(
     size: int,
     margin: float,
     no_face: str = "skip",
+    template: str = DEFAULT_TEMPLATE,
 ) -> CropCache:
     """Load the cache for this catalog and these settings, or build it (with a progress bar)."""
     if no_face not in NO_FACE_POLICIES:
         raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}")
-    key = cache_key(catalog, size, margin, detector, no_face)
+    key = cache_key(catalog, size, margin, detector, no_face, template)
     folder = cache_dir / f"crops-{key}"
     meta_path = folder / "meta.json"
     if meta_path.is_file():
@@ -134,7 +144,7 @@ def build_or_load(
                 small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
                 crops[i] = small[:, :, ::-1].transpose(2, 0, 1)
             continue
-        crop = crop_faces_bgr(image, dets.landmarks[pick : pick + 1], size, margin)[0]
+        crop = crop_faces_bgr(image, dets.landmarks[pick : pick + 1], size, margin, template)[0]
         crops[i] = crop.transpose(2, 0, 1)
     _atomic_save(folder / "crops.npy", crops)
     _atomic_save(folder / "status.npy", status)
@@ -145,6 +155,7 @@ def build_or_load(
         "size": size,
         "margin": margin,
         "no_face": no_face,
+        "template": template,
         "counts": {
             "ok": int((status == STATUS_OK).sum()),
             "no_face": int((status == STATUS_NO_FACE).sum()),

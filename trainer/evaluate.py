@@ -247,8 +247,9 @@ def evaluate(
             if pick is None:
                 outcomes[variant].append(Outcome(s, False, False, None))
                 continue
+            meta = clf.meta
             crop = crop_faces_bgr(
-                image, dets.landmarks[pick : pick + 1], clf.meta.input_size, clf.meta.margin
+                image, dets.landmarks[pick : pick + 1], meta.input_size, meta.margin, meta.template
             )
             pending[variant].append((s, crop[0]))
             if len(pending[variant]) >= batch:

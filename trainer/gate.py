@@ -302,10 +302,11 @@ def _provenance(meta: ModelMeta, fingerprint: str, split: dict[str, Any]) -> str
     )
 
 
-def contract(input_size: int, margin: float) -> tuple[int, float]:
+def contract(input_size: int, margin: float, template: str) -> tuple[int, float, str]:
     """What a crop depends on besides the photo and the detector (the artifact's preprocessing
-    contract). Two models with the same contract see the same crops."""
-    return (int(input_size), round(float(margin), 6))
+    contract: chip size, framing margin, alignment template). Two models with the same contract see
+    the same crops."""
+    return (int(input_size), round(float(margin), 6), template)
 
 
 def baseline_on_split(
@@ -319,7 +320,7 @@ def baseline_on_split(
     device: Any,
     fingerprint: str,
     split: dict[str, Any],
-    own_crops: tuple[tuple[int, float], Any] | None = None,
+    own_crops: tuple[tuple[int, float, str], Any] | None = None,
 ) -> Baseline:
     """Run the current model of ``models_dir`` on the new run's validation ``samples``.
 
@@ -353,13 +354,19 @@ def baseline_on_split(
         return recorded_baseline(
             target, read_meta(target), f"the current model has other classes ({', '.join(meta.classes)})"
         )
-    mine = contract(meta.input_size, meta.margin)
+    mine = contract(meta.input_size, meta.margin, meta.template)
     if own_crops is not None and own_crops[0] == mine:
         crops = torch.as_tensor(own_crops[1])
         usable = np.ones(len(samples), dtype=bool)
     else:
         cache = build_or_load(
-            Catalog(list(samples), list(classes), root), cache_dir, detector, mine[0], mine[1], no_face
+            Catalog(list(samples), list(classes), root),
+            cache_dir,
+            detector,
+            mine[0],
+            mine[1],
+            no_face,
+            template=mine[2],
         )
         crops = torch.from_numpy(cache.crops)
         usable = cache.status == STATUS_OK if no_face == "skip" else np.ones(len(samples), dtype=bool)

