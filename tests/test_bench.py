@@ -27,20 +27,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("psutil")
 
+from tests.helpers.paths import EVAL_DIR as EVAL
+from tests.helpers.paths import REPO, require_shared, skip_without
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
 from tools.bench import cli as bench
 from tools.bench.clip import build_clip
 from tools.bench.system import SystemConfig, run_system
 
-REPO = Path(__file__).resolve().parents[1]
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = SHARED / "weights" / "yunet"
-EVAL = SHARED / "data" / "faces" / "eval"
-
-needs_data = pytest.mark.skipif(
-    not (WEIGHTS / "face_detection_yunet_2023mar.onnx").is_file() or not EVAL.is_dir(),
-    reason=f"needs YuNet weights in {WEIGHTS} and eval photos in {EVAL} (the ../shared checkout)",
-)
+needs_data = skip_without(WEIGHTS / "face_detection_yunet_2023mar.onnx", EVAL)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -72,8 +66,7 @@ def test_clip_is_deterministic_640x480_with_1_to_4_portraits() -> None:
 
 
 def test_missing_photos_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if not (WEIGHTS / "face_detection_yunet_2023mar.onnx").is_file():
-        pytest.skip("needs the YuNet weights to get past the weights check")
+    require_shared(WEIGHTS / "face_detection_yunet_2023mar.onnx")  # to get past the weights check
     args = parse("--photos", str(tmp_path / "nowhere"), "--frames", "2", "--weights-dir", str(WEIGHTS))
     assert bench.run(args) == 2
     err = capsys.readouterr().err

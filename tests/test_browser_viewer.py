@@ -10,13 +10,10 @@ Screenshots go to ``test-artifacts/browser/`` (gitignored), with every process's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,65 +29,20 @@ import redis
 from services.viewer.palette import CLASS_COLOURS, NO_MODEL_COLOUR, UNCERTAIN_COLOUR, bgr
 from shared import constants as C
 from shared.schema import CameraRequest, Event
-from tests.test_viewer_support import (
-    REDIS_URL,
-    REPO,
-    WEIGHTS_DIR,
-    CuttableProxy,
-    detect_faces,
-    free_port,
-    photo_paths,
-    redis_or_skip,
-    sharpness,
-    wait_until,
-)
+from tests.helpers.browser import chromium_or_skip, launched_chromium, new_page
+from tests.helpers.net import free_port
+from tests.helpers.paths import REPO, WEIGHTS_DIR
+from tests.helpers.photos import compose_frame, detect_faces, iou, photo_paths, sharpness
+from tests.helpers.processes import genderlens
+from tests.helpers.viewer import REDIS_URL, CuttableProxy, redis_or_skip
+from tests.helpers.waiting import wait_until
 from tools.flicker import make_clip
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TOKEN = "wall-screen-token-0123456789"
 CANVAS = (640, 480)
-
-
-def chromium_or_skip() -> Path:
-    """Install Debian's chromium when missing and we may (root + apt-get, as in CI); otherwise skip
-    with the reason, or fail where GENDERLENS_REQUIRE_BROWSER=1 (.ci/run) says the tests must run."""
-    if not CHROMIUM.exists() and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=300, capture_output=True)
-            subprocess.run(
-                ["apt-get", "install", "-y", "-qq", "chromium"], env=env, timeout=900, capture_output=True
-            )
-    if not CHROMIUM.exists():
-        reason = (
-            f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium); "
-            "it is missing and could not be installed here"
-        )
-        if os.environ.get("GENDERLENS_REQUIRE_BROWSER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as exc:
-        pytest.fail(f"the dev dependencies lack playwright: {exc}")
-    return CHROMIUM
-
-
-def genderlens_cmd() -> list[str]:
-    exe = REPO / ".venv" / "bin" / "genderlens"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "services"]
 
 
 @dataclass
@@ -106,16 +58,7 @@ class System:
     requests_seen: str = "0-0"
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        log = open(ARTIFACTS / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [*genderlens_cmd(), *args],
-            cwd=REPO,
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        proc = genderlens(*args, env={**self.env, **env}, log=ARTIFACTS / f"{name}.log", inherit_env=False)
         self.procs[name] = proc
         return proc
 
@@ -163,14 +106,7 @@ class System:
 
 def compose(photo: Path) -> np.ndarray:
     """A photo centred on a fixed 640x480 canvas, so every slide has the same size."""
-    image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-    assert image is not None
-    scale = 0.9 * min(CANVAS[0] / image.shape[1], CANVAS[1] / image.shape[0])
-    image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    canvas = np.full((CANVAS[1], CANVAS[0], 3), 40, np.uint8)
-    y, x = (CANVAS[1] - image.shape[0]) // 2, (CANVAS[0] - image.shape[1]) // 2
-    canvas[y : y + image.shape[0], x : x + image.shape[1]] = image
-    return canvas
+    return compose_frame(photo, CANVAS, background=40)[0]
 
 
 @pytest.fixture(scope="module")
@@ -242,21 +178,15 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 @pytest.fixture(scope="module")
 def browser(system: System) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+    with launched_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1366, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
+    page = new_page(browser)
     yield page
-    context.close()
+    page.context.close()
 
 
 def tiles(page: Any) -> list[str]:
@@ -273,14 +203,6 @@ def tile_pixels(page: Any, camera_id: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None
     return image.astype(np.int16)
-
-
-def iou(a: list[float] | tuple[float, ...], b: list[float] | tuple[float, ...]) -> float:
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    return iw * ih / (a[2] * a[3] + b[2] * b[3] - iw * ih)
 
 
 def snapshot(page: Any, base: str, camera_id: str, **headers: str) -> tuple[np.ndarray, list[dict[str, Any]]]:

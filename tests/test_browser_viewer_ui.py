@@ -23,19 +23,19 @@ import redis
 
 from shared import constants as C
 from shared.schema import Face, ModelRef
-from tests.test_browser_viewer import CHROMIUM, LAUNCH_ARGS, chromium_or_skip
-from tests.test_viewer_hardening import ViewerProcess
-from tests.test_viewer_support import (
-    REPO,
+from tests.helpers.browser import chromium_or_skip, launched_chromium, new_page
+from tests.helpers.paths import REPO
+from tests.helpers.photos import photo_paths
+from tests.helpers.viewer import (
     TEST_MODEL,
+    ViewerProcess,
     make_face,
-    photo_paths,
     publish_frame,
     publish_result,
     redis_or_skip,
     register_camera,
-    wait_until,
 )
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -121,19 +121,8 @@ def setup() -> Iterator[tuple[str, Feeder]]:
 
 @pytest.fixture(scope="module")
 def browser(setup: Any) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+    with launched_chromium() as browser:
         yield browser
-        browser.close()
-
-
-def new_page(browser: Any, width: int = 1366, height: int = 800) -> Any:
-    context = browser.new_context(viewport={"width": width, "height": height})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    return page
 
 
 def live(page: Any, base: str) -> None:

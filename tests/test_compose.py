@@ -37,7 +37,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from tests.support import redis_url_for_db
+from tests.helpers.redis_servers import redis_url_for_db
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "docker-compose.yml"

@@ -24,19 +24,17 @@ from services.inference.pipeline import DETECTOR_FALLBACK, Pipeline
 from services.inference.settings import InferenceSettings
 from shared.detectors import DetectorConfig, create
 from shared.detectors.fallback import FallbackDetector, TensorFallbackDetector, fallback_stats
+from tests.helpers.paths import EVAL_DIR as EVAL
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.paths import skip_without
+from tests.helpers.photos import iou
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-EVAL = SHARED / "data" / "faces" / "eval"
-WEIGHTS = SHARED / "weights" / "yunet"
 #: missed at 640; found at this side (the same for both backends)
 CLOSE_UPS = {"female/pixabay/face-5097981_1280.jpg": 320, "male/pixabay/man-6701984_1280.jpg": 200}
 #: missed at every side
 NEVER = "female/pixabay/girl-1210198_1280.jpg"
 
-pytestmark = pytest.mark.skipif(
-    not WEIGHTS.is_dir() or not (EVAL / NEVER).is_file(),
-    reason=f"needs the eval photos and YuNet weights in {SHARED} (present on developer machines and in CI)",
-)
+pytestmark = skip_without(WEIGHTS, EVAL / NEVER)
 
 
 def _read(rel: str) -> npt.NDArray[np.uint8]:
@@ -56,12 +54,6 @@ def _empty_frames(n: int) -> list[npt.NDArray[np.uint8]]:
         if len(frames) == n:
             return frames
     raise AssertionError("not enough empty frames")
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
 
 
 def _count_calls(det: FallbackDetector) -> list[int | None]:
@@ -107,7 +99,7 @@ def test_fallback_on_the_device_route_keeps_frames_on_the_device() -> None:
     (host,) = det.detect([photo])
     assert len(found) == len(host) == 1
     # The same face (the device resizes with antialiased bilinear, the host with INTER_AREA).
-    assert _iou(found.boxes[0].tolist(), host.boxes[0].tolist()) > 0.9
+    assert iou(found.boxes[0].tolist(), host.boxes[0].tolist()) > 0.9
     assert det.stats.recovered == 2
 
 
@@ -171,7 +163,7 @@ def test_worker_settings_and_pipeline_count_the_fallback(monkeypatch: pytest.Mon
     monkeypatch.delenv("GENDERLENS_DETECTOR_FALLBACK_SIDES")
 
     from services.inference.main import build_worker
-    from tests.support import TEST_REDIS_URL
+    from tests.helpers.redis_servers import TEST_REDIS_URL
 
     worker_settings = InferenceSettings(
         redis_url=TEST_REDIS_URL, weights_dir=WEIGHTS, detector="cv2-yunet", models_dir=Path("models")

@@ -20,20 +20,16 @@ import redis
 from services.inference.pipeline import decode_jpeg
 from shared import constants as C
 from shared.detectors import DetectorConfig, create
-from shared.models.artifact import ModelMeta, publish_untrained
 from shared.schema import Frame, Result
-from tests.support import compose_frame, face_photos, free_port, genderlens, iou, stop, wait_until, write_clip
+from tests.helpers.artifacts import make_artifact
+from tests.helpers.net import free_port
+from tests.helpers.photos import compose_frame, face_photos, iou, write_clip
+from tests.helpers.processes import genderlens, stop
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 FRAMES_PER_PHOTO = 15
-
-
-def make_test_artifact(models_dir: Path) -> ModelMeta:
-    """A small, untrained but complete artifact: enough to prove the loading side end to end."""
-    return publish_untrained(
-        models_dir, name="e2etest", version="1", width=8, std=[0.25, 0.25, 0.25], uncertain_threshold=0.0
-    )
 
 
 def test_capture_worker_viewer_end_to_end(
@@ -54,7 +50,7 @@ def test_capture_worker_viewer_end_to_end(
     clip = tmp_path / "faces.avi"
     write_clip(clip, photos, FRAMES_PER_PHOTO)
     models_dir = tmp_path / "models"
-    meta = make_test_artifact(models_dir)
+    meta = make_artifact(models_dir, name="e2etest")
 
     port = free_port()
     env = {

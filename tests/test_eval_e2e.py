@@ -3,25 +3,21 @@ model (models/current)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from services.cli import main as cli_main
 from shared.models.artifact import current_dir, load_artifact
+from tests.helpers.datasets import copy_rows, manifest_rows, spread
+from tests.helpers.paths import EVAL_DIR as EVAL
+from tests.helpers.paths import REPO, skip_without
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-EVAL = SHARED / "data" / "faces" / "eval"
-WEIGHTS = SHARED / "weights" / "yunet"
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = REPO / "models"
 
-needs_shared = pytest.mark.skipif(
-    not (EVAL / "manifest.csv").is_file() or not WEIGHTS.is_dir(),
-    reason=f"needs the eval photos and YuNet weights in {SHARED} (present on developer machines and in CI)",
-)
+needs_shared = skip_without(EVAL / "manifest.csv", WEIGHTS)
 KEYS = {
     "images", "face_found_rate", "accuracy", "per_source", "per_class", "per_group", "per_age",
     "images_per_second", "model",
@@ -43,23 +39,30 @@ def test_committed_default_model_loads() -> None:
 def _subset(dest: Path, per_cell: int = 3, extra: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """``per_cell`` photos of each class and source, plus the ``extra`` relpaths (or age bands: the first
     FairFace photo of that band)."""
-    with (EVAL / "manifest.csv").open(newline="") as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: r["relpath"])
+    rows = manifest_rows(EVAL)
     picked: list[dict[str, str]] = []
     for gender in ("female", "male"):
         for source in ("pixabay", "fairface"):
-            cell = [r for r in rows if r["relpath"].startswith(f"{gender}/{source}/")]
-            picked += cell[:: max(1, len(cell) // per_cell)][:per_cell]
+            picked += spread([r for r in rows if r["relpath"].startswith(f"{gender}/{source}/")], per_cell)
     for want in extra:
         picked.append(next(r for r in rows if want in (r["relpath"], r["age"]) and r not in picked))
-    for r in picked:
-        (dest / r["relpath"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(EVAL / r["relpath"], dest / r["relpath"])
-    with (dest / "manifest.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["relpath", "gender", "age", "group"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(picked)
+    copy_rows(EVAL, dest, picked)
     return picked
+
+
+def _eval_args(data: Path, out: Path) -> list[str]:
+    """``genderlens eval`` of the photos in ``data`` with the committed model, JSON to ``out``."""
+    return [
+        "eval",
+        "--data",
+        str(data),
+        "--model",
+        str(MODELS),
+        "--weights-dir",
+        str(WEIGHTS),
+        "--json",
+        str(out),
+    ]
 
 
 @needs_shared
@@ -67,19 +70,7 @@ def test_eval_on_real_photos(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     data = tmp_path / "photos"
     picked = _subset(data)
     out = tmp_path / "result.json"
-    code = cli_main(
-        [
-            "eval",
-            "--data",
-            str(data),
-            "--model",
-            str(MODELS),
-            "--weights-dir",
-            str(WEIGHTS),
-            "--json",
-            str(out),
-        ]
-    )
+    code = cli_main(_eval_args(data, out))
     assert code == 0
     text = capsys.readouterr().out
     assert "faces found" in text and "per source" in text
@@ -109,18 +100,7 @@ def test_eval_without_manifest_uses_folder_names(tmp_path: Path) -> None:
     (data / "manifest.csv").unlink()
     (data / "female" / "pixabay" / "unreadable.jpg").write_bytes(b"not a photo")
     out = tmp_path / "r.json"
-    args = [
-        "eval",
-        "--data",
-        str(data),
-        "--model",
-        str(MODELS),
-        "--weights-dir",
-        str(WEIGHTS),
-        "--json",
-        str(out),
-    ]
-    assert cli_main(args) == 0
+    assert cli_main(_eval_args(data, out)) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 5 and result["per_group"] == {} and result["per_age"] == {}
     assert result["per_source"]["pixabay"]["face_found_rate"] == pytest.approx(2 / 3)  # the unreadable one
@@ -142,17 +122,7 @@ def test_eval_reports_proxies_breakdowns_in_order_and_the_detection_fallback(
     data = tmp_path / "photos"
     picked = _subset(data, per_cell=1, extra=("3-9", "10-19", "70+", CLOSE_UP))
     out = tmp_path / "result.json"
-    argv = [
-        "eval",
-        "--data",
-        str(data),
-        "--model",
-        str(MODELS),
-        "--weights-dir",
-        str(WEIGHTS),
-        "--json",
-        str(out),
-    ]
+    argv = _eval_args(data, out)
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert "proxies for unseen photos" in text and "grayscale" in text and "dark" in text

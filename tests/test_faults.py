@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import signal
 import subprocess
 import time
@@ -27,26 +26,16 @@ from hypothesis import strategies as st
 
 from shared import constants as C
 from shared.accounting import Accounting
-from shared.redis_server import RedisServer, free_port
+from shared.redis_server import RedisServer
 from shared.schema import MAX_MESSAGE_BYTES, CameraInfo, Result
-from tests.faults_support import (
-    GENDERLENS,
-    REDIS7,
-    Services,
-    accounting_report,
-    client_for,
-    consumer_pending,
-    drained,
-    log_result,
-    make_artifact,
-    make_corrupt_artifact,
-    make_photo_folder,
-    redis_binaries,
-    require_shared,
-    service_env,
-    services,  # noqa: F401  (fixture)
-    wait_until,
-)
+from tests.helpers.accounting import accounting_report, consumer_pending, drained, log_result
+from tests.helpers.artifacts import make_artifact, make_corrupt_artifact
+from tests.helpers.net import free_port, metric_sample
+from tests.helpers.paths import require_shared
+from tests.helpers.photos import make_photo_folder
+from tests.helpers.processes import GENDERLENS, Services, service_env
+from tests.helpers.redis_servers import client_for, redis_binaries, throwaway_redis
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -60,7 +49,9 @@ def _processed(client: redis.Redis, camera_id: str) -> int:
 def _stop_captures_and_drain(svc: Services, client: redis.Redis, captures: dict[str, str]) -> None:
     for name in captures:
         assert svc.terminate(name) == 0, svc.log(name)[-2000:]
-    wait_until(lambda: drained(client, list(captures.values())), 60, 0.25, "workers to drain the streams")
+    wait_until(
+        lambda: drained(client, list(captures.values())), 60, "workers to drain the streams", interval=0.25
+    )
 
 
 def _assert_equation(client: redis.Redis, camera_id: str) -> dict[str, int]:
@@ -87,9 +78,9 @@ def test_1_kill_9_a_worker_mid_stream(
     binary: Path,
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
-    with RedisServer(binary=binary) as server:
+    with throwaway_redis(binary) as server:
         client = client_for(server)
         services.base_env = service_env(
             server.url,
@@ -108,25 +99,25 @@ def test_1_kill_9_a_worker_mid_stream(
         wait_until(
             lambda: all(int(client.hget(C.stats_key(c), C.STAT_EVICTED) or 0) > 0 for c in captures.values()),
             60,
-            0.1,
             "the capped streams to evict before any worker runs",
+            interval=0.1,
         )
         services.worker("w1")
         services.worker("w2")
-        try:
+        with services.logs_on_failure():
             wait_until(
                 lambda: all(_processed(client, c) >= 5 for c in captures.values()),
                 90,
-                0.2,
                 "both cameras processed",
+                interval=0.2,
             )
             streams = [C.frames_stream(c) for c in captures.values()]
             # Kill w1 while it holds delivered, unacked entries (mid-batch).
             held = wait_until(
                 lambda: sum(consumer_pending(client, s, "w1") for s in streams),
                 30,
-                0.005,
                 "w1 to hold entries",
+                interval=0.005,
             )
             services.procs["w1"].send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
@@ -134,8 +125,8 @@ def test_1_kill_9_a_worker_mid_stream(
             wait_until(
                 lambda: sum(consumer_pending(client, s, "w1") for s in streams) == 0,
                 4 * CLAIM_IDLE_MS / 1000,
-                0.02,
                 "w1's pending entries to be claimed",
+                interval=0.02,
             )
             claim_s = time.monotonic() - killed_at
             assert claim_s <= 2 * CLAIM_IDLE_MS / 1000, f"claimed after {claim_s:.2f}s"
@@ -144,8 +135,8 @@ def test_1_kill_9_a_worker_mid_stream(
             wait_until(
                 lambda: all(_processed(client, c) > before[c] + 5 for c in captures.values()),
                 60,
-                0.2,
                 "w2 to keep processing",
+                interval=0.2,
             )
             _stop_captures_and_drain(services, client, captures)
             assert services.alive("w2")
@@ -161,20 +152,12 @@ def test_1_kill_9_a_worker_mid_stream(
                 claim_idle_s=CLAIM_IDLE_MS / 1000,
                 **{f"{c}": _fmt(s) for c, s in per_camera.items()},
             )
-        except BaseException:
-            print(services.dump_logs())
-            raise
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
     """One sample from a service's Prometheus /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for line in text.splitlines():
-        match = re.match(rf"^{name}{{(.*)}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
+        return metric_sample(resp.read().decode(), name, **labels)
 
 
 def _version(client: redis.Redis) -> str:
@@ -193,7 +176,7 @@ def test_2_redis_restart_mid_stream(
     binary: Path,
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
     server = RedisServer(binary=binary).start()
     port = server.port
@@ -204,8 +187,13 @@ def test_2_redis_restart_mid_stream(
         )
         services.capture("capture", photos, "cam", fps=8)
         services.worker("w1")
-        try:
-            wait_until(lambda: _processed(client, "cam") >= 5, 90, 0.2, "frames processed before the restart")
+        with services.logs_on_failure():
+            wait_until(
+                lambda: _processed(client, "cam") >= 5,
+                90,
+                "frames processed before the restart",
+                interval=0.2,
+            )
             before = accounting_report(client, "cam")
             client.close()
             down_at = time.monotonic()
@@ -216,7 +204,10 @@ def test_2_redis_restart_mid_stream(
             client = client_for(server)
             # Recovery: the first result of a frame published after the restart (the new Redis is empty).
             wait_until(
-                lambda: client.xlen(C.results_stream("cam")) > 0, 60, 0.02, "a result after the restart"
+                lambda: client.xlen(C.results_stream("cam")) > 0,
+                60,
+                "a result after the restart",
+                interval=0.02,
             )
             recovered_at = time.monotonic()
             assert services.alive("capture") and services.alive("w1"), services.dump_logs()
@@ -240,9 +231,6 @@ def test_2_redis_restart_mid_stream(
                 before_restart=_fmt(before),
                 after_restart=_fmt(after),
             )
-        except BaseException:
-            print(services.dump_logs())
-            raise
     finally:
         server.stop()
 
@@ -323,11 +311,9 @@ def _malformed(jpeg: bytes, width: int, height: int, n: int) -> list[tuple[str, 
 def test_3_a_thousand_malformed_messages_in_a_live_stream(
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as server:
+    with throwaway_redis() as server:
         client = client_for(server)
         services.base_env = service_env(
             server.url,
@@ -337,8 +323,8 @@ def test_3_a_thousand_malformed_messages_in_a_live_stream(
         )
         services.capture("capture", photos, "cam", fps=5)
         services.worker("w1")
-        try:
-            wait_until(lambda: _processed(client, "cam") >= 3, 90, 0.2, "good frames processed")
+        with services.logs_on_failure():
+            wait_until(lambda: _processed(client, "cam") >= 3, 90, "good frames processed", interval=0.2)
             sample = next(iter(sorted(photos.glob("*.jpg"))))
             image = cv2.imread(str(sample))
             jpeg = cv2.imencode(".jpg", image)[1].tobytes()
@@ -353,8 +339,8 @@ def test_3_a_thousand_malformed_messages_in_a_live_stream(
             wait_until(
                 lambda: int(client.hget(C.stats_key("cam"), C.STAT_DEAD_LETTERED) or 0) >= 1000,
                 120,
-                0.25,
                 "all malformed messages dead-lettered",
+                interval=0.25,
             )
             # Good frames still get results after the flood.
             wait_until(
@@ -363,8 +349,8 @@ def test_3_a_thousand_malformed_messages_in_a_live_stream(
                     for _, f in client.xrevrange(C.results_stream("cam"), count=5)
                 ),
                 60,
-                0.25,
                 "results for good frames after the flood",
+                interval=0.25,
             )
             assert services.alive("w1"), services.log("w1")[-3000:]
             _stop_captures_and_drain(services, client, {"capture": "cam"})
@@ -385,9 +371,6 @@ def test_3_a_thousand_malformed_messages_in_a_live_stream(
                 kinds=dict(collections.Counter(injected.values())),
                 counts=_fmt(stats),
             )
-        except BaseException:
-            print(services.dump_logs())
-            raise
 
 
 # -- 4 --------------------------------------------------------------------------------------------------
@@ -402,13 +385,11 @@ def _latest_model(client: redis.Redis) -> str | None:
 def test_4_corrupt_model_then_valid_model_then_rollback(
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
     models = tmp_path / "models"
     make_artifact(models, "v1", "2026-01-01T00:00:00+00:00")
-    with RedisServer(binary=REDIS7) as server:
+    with throwaway_redis() as server:
         client = client_for(server)
         services.base_env = service_env(
             server.url,
@@ -420,8 +401,8 @@ def test_4_corrupt_model_then_valid_model_then_rollback(
         )
         services.capture("capture", photos, "cam", fps=5)
         services.worker("w1")
-        try:
-            wait_until(lambda: _latest_model(client) == "v1", 90, 0.2, "results from model v1")
+        with services.logs_on_failure():
+            wait_until(lambda: _latest_model(client) == "v1", 90, "results from model v1", interval=0.2)
             make_corrupt_artifact(models, "v2", "2026-01-02T00:00:00+00:00", "truncated_weights")
             refused_at = time.time()
 
@@ -430,21 +411,21 @@ def test_4_corrupt_model_then_valid_model_then_rollback(
                     b"refused model gendernet-v2" in f[b"m"] for _, f in client.xrange(C.EVENTS_STREAM)
                 )
 
-            wait_until(refused, 30, 0.1, "the corrupt model refused with an error event")
+            wait_until(refused, 30, "the corrupt model refused with an error event", interval=0.1)
             wait_until(
                 lambda: any(
                     Result.from_fields(f).timestamps.read > refused_at + 1
                     for _, f in client.xrevrange(C.results_stream("cam"), count=3)
                 ),
                 30,
-                0.1,
                 "results after the refusal",
+                interval=0.1,
             )
             assert _latest_model(client) == "v1", "the previous model keeps serving"
             make_artifact(models, "v3", "2026-01-03T00:00:00+00:00")
-            wait_until(lambda: _latest_model(client) == "v3", 30, 0.1, "results from model v3")
+            wait_until(lambda: _latest_model(client) == "v3", 30, "results from model v3", interval=0.1)
             rollback = subprocess.run(
-                [str(GENDERLENS), "models", "rollback"],
+                [*GENDERLENS, "models", "rollback"],
                 env={**os.environ, **services.base_env},
                 capture_output=True,
                 timeout=120,
@@ -452,7 +433,9 @@ def test_4_corrupt_model_then_valid_model_then_rollback(
             )
             assert rollback.returncode == 0, rollback.stderr.decode()[-2000:]
             assert b"current -> gendernet-v1" in rollback.stdout
-            wait_until(lambda: _latest_model(client) == "v1", 30, 0.1, "results from v1 after the rollback")
+            wait_until(
+                lambda: _latest_model(client) == "v1", 30, "results from v1 after the rollback", interval=0.1
+            )
             _stop_captures_and_drain(services, client, {"capture": "cam"})
             stats = _assert_equation(client, "cam")
             # Not a single frame dropped across the refusal and both swaps.
@@ -467,20 +450,15 @@ def test_4_corrupt_model_then_valid_model_then_rollback(
             assert "v2" not in versions
             assert services.terminate("w1") == 0
             log_result("test4", counts=_fmt(stats), served=dict(collections.Counter(versions)))
-        except BaseException:
-            print(services.dump_logs())
-            raise
 
 
 # -- 5 --------------------------------------------------------------------------------------------------
 def test_5_sigterm_during_a_batch(
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as server:
+    with throwaway_redis() as server:
         client = client_for(server)
         services.base_env = service_env(
             server.url,
@@ -493,24 +471,26 @@ def test_5_sigterm_during_a_batch(
         services.capture("capture", photos, "cam", fps=15)
         worker = services.worker("w1", GENDERLENS_METRICS_PORT=str(metrics_port))
         stream = C.frames_stream("cam")
-        try:
-            wait_until(lambda: _processed(client, "cam") >= 5, 90, 0.2, "frames processed")
+        with services.logs_on_failure():
+            wait_until(lambda: _processed(client, "cam") >= 5, 90, "frames processed", interval=0.2)
             # The accounting outcomes and queue gauges are on the worker's /metrics.
             wait_until(
                 lambda: _metric(
                     metrics_port, "genderlens_worker_frames_total", camera="cam", outcome="processed"
                 ),
                 10,
-                0.2,
                 "the processed counter on /metrics",
+                interval=0.2,
             )
             wait_until(
                 lambda: _metric(metrics_port, "genderlens_worker_stream_length", camera="cam"),
                 10,
-                0.2,
                 "the stream-length gauge on /metrics",
+                interval=0.2,
             )
-            held = wait_until(lambda: consumer_pending(client, stream, "w1"), 30, 0.002, "w1 holding a batch")
+            held = wait_until(
+                lambda: consumer_pending(client, stream, "w1"), 30, "w1 holding a batch", interval=0.002
+            )
             worker.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             rc = worker.wait(10 + 5)
@@ -521,22 +501,17 @@ def test_5_sigterm_during_a_batch(
             assert all(c["name"] not in ("w1", b"w1") for c in consumers), "w1 left the group"
             assert "stopped" in services.log("w1")
             log_result("test5", held_at_sigterm=held, exit_code=rc, exit_after_s=f"{exit_s:.2f}")
-        except BaseException:
-            print(services.dump_logs())
-            raise
 
 
 # -- camera loss (capture alone) -----------------------------------------------------------------------
 def test_6_camera_loss_shows_no_signal_and_reconnects(
     tmp_path: Path,
     photos: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
     """A looping folder source disappears: capture keeps running, marks the camera no_signal, retries
     with backoff, and goes live again when the source is back. /metrics shows it too."""
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as server:
+    with throwaway_redis() as server:
         client = client_for(server)
         metrics_port = free_port()
         services.base_env = service_env(
@@ -552,13 +527,13 @@ def test_6_camera_loss_shows_no_signal_and_reconnects(
             raw = client.hget(C.CAMERAS_KEY, "cam")
             return CameraInfo.unpack(raw).status if raw else None
 
-        try:
-            wait_until(lambda: status() == "live", 30, 0.1, "camera live")
+        with services.logs_on_failure():
+            wait_until(lambda: status() == "live", 30, "camera live", interval=0.1)
             assert _metric(metrics_port, "genderlens_capture_published_total", camera="cam") > 0
             unplugged = photos.with_name("unplugged")
             photos.rename(unplugged)
             lost_at = time.monotonic()
-            wait_until(lambda: status() == "no_signal", 15, 0.05, "camera shown as no_signal")
+            wait_until(lambda: status() == "no_signal", 15, "camera shown as no_signal", interval=0.05)
             no_signal_s = time.monotonic() - lost_at
             assert _metric(metrics_port, "genderlens_capture_source_up", camera="cam") == 0
             published = int(client.hget(C.stats_key("cam"), C.STAT_PUBLISHED) or 0)
@@ -566,13 +541,13 @@ def test_6_camera_loss_shows_no_signal_and_reconnects(
             assert services.alive("capture")
             unplugged.rename(photos)
             back_at = time.monotonic()
-            wait_until(lambda: status() == "live", 15, 0.05, "camera live again")
+            wait_until(lambda: status() == "live", 15, "camera live again", interval=0.05)
             live_s = time.monotonic() - back_at
             wait_until(
                 lambda: int(client.hget(C.stats_key("cam"), C.STAT_PUBLISHED) or 0) > published + 3,
                 15,
-                0.1,
                 "frames flowing again",
+                interval=0.1,
             )
             assert "retry" in services.log("capture")
             assert services.terminate("capture") == 0
@@ -580,6 +555,3 @@ def test_6_camera_loss_shows_no_signal_and_reconnects(
             log_result(
                 "camera-loss", no_signal_after_s=f"{no_signal_s:.2f}", live_again_after_s=f"{live_s:.2f}"
             )
-        except BaseException:
-            print(services.dump_logs())
-            raise

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import msgpack
-import numpy as np
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -25,20 +22,14 @@ from shared import constants as C
 from shared.accounting import Accounting, read_stats, unaccounted
 from shared.redis_server import RedisServer
 from shared.schema import MAX_MESSAGE_BYTES, Frame, jpeg_size
-from tests.faults_support import CORRUPTIONS, make_artifact, make_corrupt_artifact, redis_binaries
+from tests.helpers.artifacts import CORRUPTIONS, make_artifact, make_corrupt_artifact
+from tests.helpers.media import bomb, flat_jpeg
+from tests.helpers.redis_servers import client_for
 
 CAM = "unitcam"
 
 
-def _jpeg(width: int = 64, height: int = 48) -> bytes:
-    image = np.zeros((height, width, 3), dtype=np.uint8)
-    image[:, : width // 2] = (40, 120, 200)
-    ok, buf = cv2.imencode(".jpg", image)
-    assert ok
-    return buf.tobytes()
-
-
-JPEG = _jpeg()
+JPEG = flat_jpeg()
 
 
 def _frame(**overrides: Any) -> dict[str, Any]:
@@ -90,10 +81,7 @@ def test_each_kind_of_bad_message_gets_a_reason(fields: dict[bytes, bytes], reas
 
 
 def test_a_jpeg_declaring_absurd_dimensions_is_refused_before_decoding() -> None:
-    data = bytearray(_jpeg())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
-    result = validate(_fields(_frame(jpeg=bytes(data))), CAM)
+    result = validate(_fields(_frame(jpeg=bomb(60000, 60000))), CAM)
     assert isinstance(result, str) and "absurd JPEG dimensions 60000x60000" in result
 
 
@@ -148,10 +136,10 @@ class StubPipeline:
         return [FrameOutput(64, 48, (), now, now) for _ in jpegs]
 
 
-@pytest.fixture(params=redis_binaries())
-def server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
-    with RedisServer(binary=Path(request.param)) as srv:
-        yield srv
+@pytest.fixture()
+def server(redis_server: RedisServer) -> RedisServer:
+    """A throw-away server of each supported Redis version (tests/conftest.py)."""
+    return redis_server
 
 
 def _worker(server: RedisServer, tmp_path: Path, pipeline: StubPipeline, **overrides: Any) -> Worker:
@@ -166,7 +154,7 @@ def _worker(server: RedisServer, tmp_path: Path, pipeline: StubPipeline, **overr
     }
     values.update(overrides)
     settings_ = InferenceSettings(**values)
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     return Worker(
         settings_, pipeline, ModelManager(tmp_path / "models", "cpu"), threading.Event(), "w1", client
     )  # type: ignore[arg-type]
@@ -178,7 +166,7 @@ def _register(client: redis.Redis) -> Accounting:
 
 
 def test_an_entry_is_dead_lettered_after_k_deliveries(server: RedisServer, tmp_path: Path) -> None:
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     acc = _register(client)
     stream = C.frames_stream(CAM)
     from shared.streams import ensure_group
@@ -206,9 +194,9 @@ def test_an_entry_is_dead_lettered_after_k_deliveries(server: RedisServer, tmp_p
 def test_a_frame_that_crashes_the_pipeline_is_dead_lettered_alone(
     server: RedisServer, tmp_path: Path
 ) -> None:
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     acc = _register(client)
-    bad = _jpeg(64, 48)[:-2] + b"\x00\x00\xff\xd9"  # valid headers, still a JPEG to validation
+    bad = flat_jpeg(64, 48)[:-2] + b"\x00\x00\xff\xd9"  # valid headers, still a JPEG to validation
     ids = [
         acc.publish(CAM, _fields(_frame(seq=i, jpeg=bad if i == 2 else JPEG)), 100).entry_id for i in range(5)
     ]
@@ -223,7 +211,7 @@ def test_a_frame_that_crashes_the_pipeline_is_dead_lettered_alone(
 
 
 def test_stale_frames_are_dropped_not_processed(server: RedisServer, tmp_path: Path) -> None:
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     acc = _register(client)
     pipeline = StubPipeline()
     worker = _worker(server, tmp_path, pipeline, staleness_ms=50)
@@ -254,7 +242,7 @@ def test_an_observer_sees_every_read_and_batch_and_changes_nothing(
     server: RedisServer, tmp_path: Path
 ) -> None:
     """The hooks the benchmark times the worker with (instead of patching its methods)."""
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     acc = _register(client)
     ids = [acc.publish(CAM, _fields(_frame(seq=i)), 100).entry_id for i in range(5)]
     worker = _worker(server, tmp_path, StubPipeline(), batch_size=8)
@@ -300,7 +288,7 @@ def test_a_bad_pointer_is_reported_once(tmp_path: Path) -> None:
 def test_a_model_event_wakes_the_model_manager(server: RedisServer, tmp_path: Path) -> None:
     from shared.schema import ModelEvent
 
-    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    client = client_for(server)
     worker = _worker(server, tmp_path, StubPipeline())
     old = ModelEvent(name="gendernet", version="v8", path="gendernet-v8", at=time.time())
     client.xadd(C.MODEL_EVENTS_STREAM, old.to_fields())

@@ -8,11 +8,9 @@ output and in its report, and a running worker keeps serving the old model.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +21,17 @@ from services.cli import main as cli_main
 from shared import constants as C
 from shared.models.artifact import current_dir, list_versions, publish_untrained, read_meta, set_current
 from shared.redis_server import RedisServer
-from tests.faults_support import REDIS7
-from tests.support import genderlens, stop, wait_until
+from tests.helpers.datasets import copy_rows, manifest_rows, spread
+from tests.helpers.paths import REPO, skip_without
+from tests.helpers.paths import TRAIN_DIR as TRAIN
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.processes import genderlens, stop
+from tests.helpers.waiting import wait_until
 from trainer.gate import NO_BASELINE, RECORDED, SAME_SPLIT, Baseline, GateSettings, decide, gap
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TRAIN = SHARED / "data" / "faces" / "train"
-WEIGHTS = SHARED / "weights" / "yunet"
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models"
 
-needs_shared = pytest.mark.skipif(
-    not (TRAIN / "manifest.csv").is_file() or not WEIGHTS.is_dir(),
-    reason=f"needs the face data and YuNet weights in {SHARED} (present on developer machines and in CI)",
-)
+needs_shared = skip_without(TRAIN / "manifest.csv", WEIGHTS)
 
 
 # -- the decision, on figures ---------------------------------------------------------------------------
@@ -93,20 +88,11 @@ def test_fairness_checks_judge_only_classes_and_groups_with_enough_images() -> N
 # -- on real training runs ------------------------------------------------------------------------------
 def _subset(dest: Path, per_class: int) -> Path:
     """UTKFace chips of both classes, with their manifest rows (so groups and ages are known)."""
-    with (TRAIN / "manifest.csv").open(newline="") as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: r["relpath"])
+    rows = manifest_rows(TRAIN)
     picked = []
     for label in ("female", "male"):
-        cell = [r for r in rows if r["relpath"].startswith(f"{label}/")]
-        picked += cell[:: max(1, len(cell) // per_class)][:per_class]
-    for r in picked:
-        (dest / r["relpath"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(TRAIN / r["relpath"], dest / r["relpath"])
-    with (dest / "manifest.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["relpath", "gender", "age", "group"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(picked)
-    return dest
+        picked += spread([r for r in rows if r["relpath"].startswith(f"{label}/")], per_class)
+    return copy_rows(TRAIN, dest, picked)
 
 
 def _train_args(data: Path, tmp: Path, models: Path, *extra: str) -> list[str]:
@@ -118,11 +104,9 @@ def _train_args(data: Path, tmp: Path, models: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture()
-def server() -> Iterator[RedisServer]:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as srv:
-        yield srv
+def server(redis7_server: RedisServer) -> RedisServer:
+    """A throw-away Redis 7 server (tests/conftest.py)."""
+    return redis7_server
 
 
 def _serving(client: redis.Redis, worker: str) -> str | None:

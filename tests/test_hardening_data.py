@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,66 +36,39 @@ from services.viewer.tracker import TrackedFace
 from shared import constants as C
 from shared.accounting import Accounting, read_stats, unaccounted
 from shared.redis_server import RedisServer
-from shared.schema import CameraInfo, Event, Face, Frame, ModelRef, Result, Timestamps
+from shared.schema import Event, Frame
 from shared.streams import ensure_group
-from tests.faults_support import (
-    REDIS7,
-    WEIGHTS_DIR,
-    Services,
-    client_for,
-    make_artifact,
-    make_photo_folder,
-    redis_binaries,
-    require_shared,
-    service_env,
-    services,  # noqa: F401  (fixture)
-    wait_until,
-)
-from tests.test_viewer_support import make_face
+from tests.helpers.artifacts import make_artifact
+from tests.helpers.media import bomb
+from tests.helpers.media import flat_jpeg as jpeg
+from tests.helpers.net import metric_sample
+from tests.helpers.paths import WEIGHTS_DIR, require_shared
+from tests.helpers.photos import make_photo_folder
+from tests.helpers.processes import Services, service_env
+from tests.helpers.redis_servers import client_for
+from tests.helpers.viewer import camera, make_face, result_for
+from tests.helpers.viewer import register_camera as register
+from tests.helpers.viewer import viewer_settings as base_viewer_settings
+from tests.helpers.waiting import wait_until
 
 MAX_ID = "18446744073709551615-18446744073709551615"
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def jpeg(width: int = 64, height: int = 48, shade: int = 0) -> bytes:
-    image = np.full((height, width, 3), shade, np.uint8)
-    image[:, : width // 2] = (40, 120, 200)
-    ok, buf = cv2.imencode(".jpg", image)
-    assert ok
-    return buf.tobytes()
-
-
-def bomb(width: int, height: int) -> bytes:
-    """A real JPEG of a few hundred bytes whose frame header declares ``width`` x ``height``."""
-    data = bytearray(jpeg())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
 def frame_fields(camera_id: str, seq: int, data: bytes, width: int, height: int) -> dict[Any, Any]:
     return Frame(camera_id, seq, time.time(), width, height, data).to_fields()
 
 
-def register(client: redis.Redis, camera_id: str) -> None:
-    now = time.time()
-    info = CameraInfo(camera_id, "test", 10.0, "live", now, now)
-    client.hset(C.CAMERAS_KEY, camera_id, info.pack())  # type: ignore[arg-type]
-    client.set(C.camera_heartbeat_key(camera_id), "live", ex=C.CAMERA_HEARTBEAT_TTL_S)
+@pytest.fixture()
+def server7(redis7_server: RedisServer) -> RedisServer:
+    """A throw-away Redis 7 server (tests/conftest.py)."""
+    return redis7_server
 
 
 @pytest.fixture()
-def server7() -> Iterator[RedisServer]:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as srv:
-        yield srv
-
-
-@pytest.fixture(params=redis_binaries())
-def server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
-    with RedisServer(binary=Path(request.param)) as srv:
-        yield srv
+def server(redis_server: RedisServer) -> RedisServer:
+    """A throw-away server of each supported Redis version (tests/conftest.py)."""
+    return redis_server
 
 
 def real_worker(server: RedisServer, tmp_path: Path, name: str = "w1", **overrides: Any) -> Worker:
@@ -144,41 +115,11 @@ def events(client: redis.Redis) -> list[Event]:
 
 
 def viewer_settings(url: str) -> ViewerSettings:
-    return ViewerSettings(
-        redis_url=SecretStr(url),
-        no_signal_after_s=30.0,
-        stream_fps=20.0,
-        viewer_token=None,
-        allowed_hosts="testserver",  # TestClient's Host
-        blur_faces=False,
-    )
+    return base_viewer_settings(url, no_signal_after_s=30.0, stream_fps=20.0)
 
 
 def metric(client: TestClient, name: str, **labels: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        match = re.match(rf"^{name}{{(.*)}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
-
-
-def camera(client: TestClient, camera_id: str) -> dict[str, Any] | None:
-    return next((c for c in client.get("/api/cameras").json() if c["id"] == camera_id), None)
-
-
-def result_obj(entry_id: str, frame: Frame, faces: list[Face]) -> dict[str, Any]:
-    t = frame.captured_at
-    return Result(
-        camera_id=frame.camera_id,
-        seq=frame.seq,
-        frame_id=entry_id,
-        width=frame.width,
-        height=frame.height,
-        timestamps=Timestamps(t, t + 0.01, t + 0.02, t + 0.03, t + 0.04),
-        model=ModelRef("test", "v1"),
-        worker="test",
-        faces=tuple(faces),
-    ).to_dict()
+    return metric_sample(client.get("/metrics").text, name, **labels)
 
 
 def publish_pair(
@@ -189,7 +130,7 @@ def publish_pair(
     data = jpeg(320, 240, shade=seq * 20 % 255)
     frame = Frame(camera_id, seq, time.time(), 320, 240, data)
     entry_id = client.xadd(C.frames_stream(camera_id), frame.to_fields())
-    obj = result_obj(entry_id.decode(), frame, [make_face((100.0, 60.0, 80.0, 100.0), 0.9)])
+    obj = result_for(entry_id.decode(), frame, [make_face((100.0, 60.0, 80.0, 100.0), 0.9)]).to_dict()
     for key, value in (result_changes or {}).items():
         if key.startswith("face."):
             obj["faces"][0][key[5:]] = value
@@ -412,7 +353,7 @@ def test_12_a_wrong_typed_key_leaves_the_other_cameras_live_in_the_viewer(server
 def test_12_capture_recovers_from_an_exhausted_stream_id(
     server: RedisServer,
     tmp_path: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
     """An entry with the largest possible id stopped capture for good ("stream has exhausted the last
     possible ID"). The publish script now re-creates the stream and its group, counts the frames that
@@ -653,7 +594,7 @@ def test_14_a_result_older_than_the_budget_when_its_batch_is_done_is_dropped_and
 def test_15_every_service_warns_loudly_when_redis_may_evict(
     server: RedisServer,
     tmp_path: Path,
-    services: Services,  # noqa: F811
+    services: Services,
 ) -> None:
     """Under allkeys-lru the stats hash was evicted silently (published went from 988 to 50). Capture,
     workers and the viewer now check the policy when they connect: a log line and an error event."""

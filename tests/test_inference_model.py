@@ -12,8 +12,8 @@ from services.inference.models import ModelManager
 from services.inference.pipeline import Pipeline
 from shared.detectors import DetectorConfig, create
 from shared.models.artifact import UNKNOWN, ArtifactError, load_artifact
-from tests.support import face_photos
-from tests.test_e2e import make_test_artifact
+from tests.helpers.artifacts import make_artifact
+from tests.helpers.photos import face_photos
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_without_a_model_faces_are_unknown(pipeline: Pipeline, eval_dir: Path, t
 def test_with_an_artifact_faces_get_class_probabilities(
     pipeline: Pipeline, eval_dir: Path, tmp_path: Path
 ) -> None:
-    meta = make_test_artifact(tmp_path)
+    meta = make_artifact(tmp_path, name="e2etest")
     manager = ModelManager(tmp_path, "cpu")
     assert manager.check() is True
     assert manager.current is not None and manager.current.meta == meta
@@ -48,7 +48,7 @@ def test_with_an_artifact_faces_get_class_probabilities(
 
 
 def test_a_broken_artifact_is_refused_whole(tmp_path: Path) -> None:
-    meta = make_test_artifact(tmp_path)
+    meta = make_artifact(tmp_path, name="e2etest")
     weights = tmp_path / meta.dirname / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="unreadable weights"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,14 @@ from shared import constants as C
 from shared.models.artifact import current_dir
 from shared.redis_server import RedisServer
 from shared.schema import ModelEvent
-from tests.faults_support import REDIS7, make_artifact, make_corrupt_artifact
+from tests.helpers.artifacts import make_artifact, make_corrupt_artifact
+from tests.helpers.net import free_port
 
 
 @pytest.fixture()
-def server() -> Iterator[RedisServer]:
-    if not REDIS7.is_file():
-        pytest.skip(f"no Redis 7 at {REDIS7}")
-    with RedisServer(binary=REDIS7) as srv:
-        yield srv
+def server(redis7_server: RedisServer) -> RedisServer:
+    """A throw-away Redis 7 server (tests/conftest.py)."""
+    return redis7_server
 
 
 @pytest.fixture()
@@ -73,8 +71,6 @@ def test_promote_refuses_a_broken_version_and_takes_a_good_one(models: Path, ser
 
 def test_promote_works_with_redis_down(models: Path) -> None:
     """The pointer file is the source of truth; the event is best effort."""
-    from tests.support import free_port
-
     assert _run(models, f"redis://127.0.0.1:{free_port()}/0", "promote", "v1", "--ignore-gate") == 0
     assert _current(models) == "gendernet-v1"
 

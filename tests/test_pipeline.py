@@ -26,17 +26,13 @@ from shared.detectors import DetectorConfig, FaceDetector, create  # noqa: E402
 from shared.detectors.auto import default_detector  # noqa: E402
 from shared.models.archs import build_model  # noqa: E402
 from shared.models.artifact import Classifier, load_artifact, publish_untrained  # noqa: E402
+from tests.helpers.paths import EVAL_DIR as EVAL  # noqa: E402
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS  # noqa: E402
+from tests.helpers.paths import skip_without  # noqa: E402
 from tools.bench.clip import build_clip  # noqa: E402
 from tools.bench.inprocess import compare, run_naive, run_pipeline  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = SHARED / "weights" / "yunet"
-EVAL = SHARED / "data" / "faces" / "eval"
-
-pytestmark = pytest.mark.skipif(
-    not (WEIGHTS / "yunet_s.pth").is_file() or not EVAL.is_dir(),
-    reason=f"needs YuNet weights in {WEIGHTS} and eval photos in {EVAL} (the ../shared checkout)",
-)
+pytestmark = skip_without(WEIGHTS / "yunet_s.pth", EVAL)
 
 
 @pytest.fixture(autouse=True, scope="module")

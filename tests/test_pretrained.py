@@ -16,6 +16,10 @@ import torch
 
 from shared.models.dlib_resnet import DlibResNet
 from shared.preprocess import crop_faces_bgr, normalize
+from tests.helpers.paths import EVAL_DIR as EVAL
+from tests.helpers.paths import TRAIN_DIR as TRAIN
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.paths import skip_without
 from trainer.dlib_format import DlibFormatError, read_dlib_layers
 from trainer.pretrained import (
     BACKBONES,
@@ -24,11 +28,6 @@ from trainer.pretrained import (
     backbone_state,
     fetch_file,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TRAIN = SHARED / "data" / "faces" / "train"
-EVAL = SHARED / "data" / "faces" / "eval"
-WEIGHTS = SHARED / "weights" / "yunet"
 
 
 def test_reader_refuses_what_is_not_a_dlib_network(tmp_path: Path) -> None:
@@ -63,9 +62,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.skipif(
-    not (TRAIN / "female").is_dir() or not WEIGHTS.is_dir(), reason=f"needs face data in {SHARED}"
-)
+@skip_without(TRAIN / "female", WEIGHTS)
 def test_port_equals_dlib_on_real_face_chips() -> None:
     dlib = pytest.importorskip("dlib", reason="dlib-bin (dev dependency) is not installed")
     import cv2

@@ -6,9 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-import cv2
 import msgpack
-import numpy as np
 import pytest
 
 from shared.schema import (
@@ -27,26 +25,10 @@ from shared.schema import (
     Timestamps,
     check_jpeg,
 )
+from tests.helpers.media import bomb
+from tests.helpers.media import flat_jpeg as real_jpeg
 
-
-def real_jpeg(width: int = 640, height: int = 480) -> bytes:
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:, : width // 2] = (40, 120, 200)
-    ok, buf = cv2.imencode(".jpg", image)
-    assert ok
-    return buf.tobytes()
-
-
-def bomb(width: int, height: int) -> bytes:
-    """A real (tiny) JPEG whose frame header is rewritten to declare ``width`` x ``height``: what a
-    decoder allocates for, though the file is a few hundred bytes."""
-    data = bytearray(real_jpeg(64, 48))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
-JPEG = real_jpeg()
+JPEG = real_jpeg(640, 480)
 
 
 def make_result() -> Result:

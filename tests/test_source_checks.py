@@ -32,7 +32,9 @@ from shared.sources import (
     check_source,
     parse_source,
 )
-from tests.support import redis_url_for_db
+from tests.helpers.media import write_video
+from tests.helpers.redis_servers import flushed_db, redis_url_for_db
+from tests.helpers.viewer import viewer_settings
 
 REDIS_URL = redis_url_for_db(6)
 PASSWORD = "Pa55-w0rd@x"  # an "@" inside: the masking must not stop at the first one
@@ -74,15 +76,6 @@ def test_sealed_sources_open_only_with_their_key() -> None:
 
 
 # -- parsing with allowed folders ----------------------------------------------------------------
-def write_video(path: Path, frames: int = 5) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for i in range(frames):
-        writer.write(np.full((48, 64, 3), 30 * i, np.uint8))
-    writer.release()
-    assert path.stat().st_size > 0
-    return path
-
-
 @pytest.fixture
 def media(tmp_path: Path) -> Path:
     """An allowed folder with a video, a folder of images, an empty folder, a text file disguised as a
@@ -139,27 +132,14 @@ def test_check_source_looks_at_what_is_there(media: Path) -> None:
 # -- the viewer API ------------------------------------------------------------------------------
 @pytest.fixture
 def rdb() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    """This module's database (6) of the test Redis, flushed before and after."""
+    with flushed_db(REDIS_URL) as client:
+        yield client
 
 
 def viewer(media: Path, **overrides: Any) -> TestClient:
-    base: dict[str, Any] = {
-        "redis_url": SecretStr(REDIS_URL),
-        "viewer_token": None,
-        "allowed_hosts": "testserver",  # TestClient's Host
-        "source_dirs": [media],
-        "camera_request_key": SecretStr(new_key() or ""),
-    }
-    base.update(overrides)
-    return TestClient(create_app(ViewerSettings(**base)))
+    base: dict[str, Any] = {"source_dirs": [media], "camera_request_key": SecretStr(new_key() or "")}
+    return TestClient(create_app(viewer_settings(REDIS_URL, **{**base, **overrides})))
 
 
 def requests_in(rdb: redis.Redis) -> list[CameraRequest]:

@@ -11,6 +11,7 @@ import pytest
 from services.capture.sources import SourceOptions, open_source
 from shared.constants import is_valid_camera_id
 from shared.sources import SourceError, parse_source, slugify
+from tests.helpers.media import write_video
 
 
 def test_webcam_specs() -> None:
@@ -65,11 +66,7 @@ def test_empty_folder_is_an_error(tmp_path: Path) -> None:
 
 
 def test_video_file_source_reads_frames(tmp_path: Path) -> None:
-    path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
-    for i in range(10):
-        writer.write(np.full((48, 64, 3), i * 20, np.uint8))
-    writer.release()
+    path = write_video(tmp_path / "clip.avi", frames=10, fps=30)
     source = open_source(parse_source(str(path)), SourceOptions(fps=30))
     frames = 0
     while source.read() is not None:

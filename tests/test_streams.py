@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,18 +12,18 @@ from shared import constants as C
 from shared.accounting import Accounting, read_stats, unaccounted
 from shared.redis_server import RedisServer
 from shared.streams import autoclaim, ensure_group
-from tests.faults_support import redis_binaries
+from tests.helpers.redis_servers import client_for
 
 CAM = "cam1"
 STREAM = C.frames_stream(CAM)
 
 
-@pytest.fixture(params=redis_binaries())
-def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    with RedisServer(binary=Path(request.param)) as server:
-        c = redis.Redis.from_url(server.url, socket_timeout=5)
-        yield c
-        c.close()
+@pytest.fixture()
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of a throw-away server of each supported Redis version (tests/conftest.py)."""
+    c = client_for(redis_server)
+    yield c
+    c.close()
 
 
 def _publish(acc: Accounting, n: int, maxlen: int) -> list[bytes]:

@@ -20,12 +20,13 @@ torch = pytest.importorskip("torch")
 
 from shared.detectors import Detections, DetectorConfig, FaceDetector, create  # noqa: E402
 from shared.detectors.torch_yunet import Letterbox, TorchYuNet, load_yunet  # noqa: E402
+from tests.helpers.paths import EVAL_DIR as EVAL  # noqa: E402
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS  # noqa: E402
+from tests.helpers.paths import skip_without  # noqa: E402
+from tests.helpers.photos import iou  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = SHARED / "weights" / "yunet"
-EVAL = SHARED / "data" / "faces" / "eval"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 #: Equivalence bounds: a cv2 face and its torch match overlap with IoU >= this ...
@@ -35,10 +36,7 @@ MAX_LANDMARK_ERR = 0.02
 #: ... on at least this fraction of images (same face count required too).
 MIN_MATCHING_IMAGES = 0.98
 
-pytestmark = pytest.mark.skipif(
-    not (WEIGHTS / "yunet_s.pth").is_file() or not EVAL.is_dir(),
-    reason=f"needs YuNet weights in {WEIGHTS} and eval photos in {EVAL} (the ../shared checkout)",
-)
+pytestmark = skip_without(WEIGHTS / "yunet_s.pth", EVAL)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,14 +90,6 @@ def _frames_with_faces(
     raise AssertionError(f"fewer than {count} eval photos with a face")
 
 
-def _iou(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
-    """IoU of (x, y, w, h) boxes."""
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return float(inter / (a[2] * a[3] + b[2] * b[3] - inter))
-
-
 def _match(ref: Detections, got: Detections) -> tuple[bool, list[float], list[float]]:
     """Match each ``ref`` face to its best-IoU ``got`` face; return (all within bounds, IoUs, landmark
     errors as a fraction of the ref box's long side)."""
@@ -107,7 +97,7 @@ def _match(ref: Detections, got: Detections) -> tuple[bool, list[float], list[fl
         return False, [], []
     ious, errs = [], []
     for i in range(len(ref)):
-        overlaps = [_iou(ref.boxes[i], got.boxes[j]) for j in range(len(got))]
+        overlaps = [iou(ref.boxes[i], got.boxes[j]) for j in range(len(got))]
         j = int(np.argmax(overlaps))
         ious.append(overlaps[j])
         dist = np.linalg.norm(ref.landmarks[i] - got.landmarks[j], axis=1).max()

@@ -4,7 +4,6 @@ resumes chunk by chunk."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +14,19 @@ from safetensors.torch import load_file
 from services.cli import main as cli_main
 from shared.models.artifact import current_dir, load_artifact, read_meta
 from shared.models.dlib_resnet import DlibResNet
+from tests.helpers.datasets import class_subset
+from tests.helpers.paths import TRAIN_DIR as TRAIN
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.paths import skip_without
 from trainer import features
 from trainer.features import extract_view
 from trainer.pretrained import BACKBONES, backbone_state
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TRAIN = SHARED / "data" / "faces" / "train"
-WEIGHTS = SHARED / "weights" / "yunet"
-
-needs_shared = pytest.mark.skipif(
-    not (TRAIN / "female").is_dir() or not WEIGHTS.is_dir(), reason=f"needs the face data in {SHARED}"
-)
+needs_shared = skip_without(TRAIN / "female", WEIGHTS)
 
 
 def _subset(dest: Path, per_class: int = 16) -> Path:
-    for label in ("female", "male"):
-        (dest / label).mkdir(parents=True)
-        for src in sorted((TRAIN / label).glob("*.jpg"))[::600][:per_class]:
-            shutil.copy(src, dest / label / src.name)
-    return dest
+    return class_subset(TRAIN, dest, per_class, step=600)
 
 
 def _args(data: Path, tmp: Path, *extra: str) -> list[str]:

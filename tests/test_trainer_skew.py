@@ -17,19 +17,16 @@ import pytest
 import torch
 
 from shared.preprocess import align_faces, stack_frames
+from tests.helpers.paths import EVAL_DIR as EVAL
+from tests.helpers.paths import TRAIN_DIR as TRAIN
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.paths import skip_without
 from trainer.cache import STATUS_OK, build_or_load
 from trainer.data import load_bgr, read_folder
 from trainer.faces import central_face, make_detector
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TRAIN = SHARED / "data" / "faces" / "train"
-EVAL = SHARED / "data" / "faces" / "eval"
-WEIGHTS = SHARED / "weights" / "yunet"
 
-
-@pytest.mark.skipif(
-    not (TRAIN / "female").is_dir() or not WEIGHTS.is_dir(), reason=f"needs face data and weights in {SHARED}"
-)
+@skip_without(TRAIN / "female", WEIGHTS)
 @pytest.mark.parametrize(("size", "template"), [(64, "utkface"), (150, "dlib")])
 def test_cached_training_crops_equal_serving_crops(tmp_path: Path, size: int, template: str) -> None:
     data = tmp_path / "d"

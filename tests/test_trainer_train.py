@@ -4,7 +4,6 @@ artifact it publishes (loadable, metadata round-trips)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +15,17 @@ import torch
 from services.cli import main as cli_main
 from shared.models.artifact import ModelMeta, current_dir, list_versions, load_artifact, read_meta
 from shared.preprocess import PREPROCESS_VERSION
-from tests.support import redis_url_for_db
+from tests.helpers.datasets import class_subset
+from tests.helpers.paths import REPO, skip_without
+from tests.helpers.paths import TRAIN_DIR as TRAIN
+from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
+from tests.helpers.redis_servers import redis_url_for_db
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TRAIN = SHARED / "data" / "faces" / "train"
-WEIGHTS = SHARED / "weights" / "yunet"
-REPO = Path(__file__).resolve().parents[1]
-
-needs_shared = pytest.mark.skipif(
-    not (TRAIN / "female").is_dir() or not WEIGHTS.is_dir(),
-    reason=f"needs the face data and YuNet weights in {SHARED} (present on developer machines and in CI)",
-)
+needs_shared = skip_without(TRAIN / "female", WEIGHTS)
 
 
 def _tiny_subset(dest: Path, per_class: int = 24) -> Path:
-    for label in ("female", "male"):
-        (dest / label).mkdir(parents=True)
-        for src in sorted((TRAIN / label).glob("*.jpg"))[::400][:per_class]:
-            shutil.copy(src, dest / label / src.name)
+    class_subset(TRAIN, dest, per_class, step=400)
     (dest / "female" / "corrupt.jpg").write_bytes(b"\xff\xd8\x00 broken")
     (dest / "male" / "notes.txt").write_text("not an image")
     return dest

@@ -7,29 +7,19 @@ smoothed labels. Before, the viewer had its own setting (0.6) while the shipped 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
 from services.inference.pipeline import applied_threshold
 from services.viewer.app import create_app
 from services.viewer.settings import ViewerSettings
 from services.viewer.tracker import UNCERTAIN, FaceTracker
 from shared.schema import FIELD, Face, ModelRef, Result, SchemaError, Timestamps, _pack
-from tests.test_viewer_support import (
-    REDIS_URL,
-    make_face,
-    photo_jpeg,
-    photo_paths,
-    publish_frame,
-    publish_result,
-    redis_or_skip,
-    register_camera,
-    wait_until,
-)
+from tests.helpers.photos import photo_jpeg, photo_paths
+from tests.helpers.viewer import make_face, publish_frame, publish_result, register_camera, viewer_settings
+from tests.helpers.waiting import wait_until
 
 LMS = ((0.0, 0.0),) * 5
 
@@ -81,20 +71,11 @@ def test_the_worker_threshold_is_the_models_unless_overridden(tmp_path: object) 
     assert applied_threshold(clf, 0.5) == 0.5
 
 
-@pytest.fixture
-def rdb() -> Iterator[redis.Redis]:
-    client = redis_or_skip()
-    client.flushdb()  # database 13 only (the viewer tests' database)
-    yield client
-    client.flushdb()
-    client.close()
-
-
 def test_viewer_has_no_threshold_of_its_own_and_shows_the_models(
     rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GENDERLENS_UNCERTAIN_THRESHOLD", "0.1")  # the worker's override: not the viewer's
-    settings = ViewerSettings(redis_url=SecretStr(REDIS_URL), allowed_hosts="testserver")  # TestClient's Host
+    settings = viewer_settings()
     assert "uncertain_threshold" not in ViewerSettings.model_fields
     jpeg, w, h = photo_jpeg(photo_paths(1)[0])
     register_camera(rdb, "cam-u")

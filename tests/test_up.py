@@ -29,7 +29,10 @@ import psutil
 import pytest
 import redis
 
-from tests.support import REPO, face_photos, free_port, wait_until, write_clip
+from tests.helpers.net import free_port
+from tests.helpers.paths import REPO
+from tests.helpers.photos import face_photos, write_clip
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -24,42 +23,22 @@ from services.viewer.routes.streams import BOUNDARY
 from services.viewer.settings import ViewerSettings
 from shared import constants as C
 from shared.schema import CameraRequest, Event, SchemaError
-from tests.test_viewer_support import (
-    REDIS_URL,
+from tests.helpers.photos import detect_faces, photo_jpeg, photo_paths, sharpness
+from tests.helpers.viewer import (
     CuttableProxy,
-    detect_faces,
+    camera,
     make_face,
-    photo_jpeg,
-    photo_paths,
     publish_frame,
     publish_result,
-    redis_or_skip,
     register_camera,
-    sharpness,
-    wait_until,
+    viewer_settings,
 )
-
-
-@pytest.fixture
-def rdb() -> Iterator[redis.Redis]:
-    client = redis_or_skip()
-    client.flushdb()  # database 13 only
-    yield client
-    client.flushdb()
-    client.close()
+from tests.helpers.waiting import wait_until
 
 
 def settings(**overrides: Any) -> ViewerSettings:
-    base: dict[str, Any] = {
-        "redis_url": SecretStr(REDIS_URL),
-        "no_signal_after_s": 2.0,
-        "stream_fps": 20.0,
-        "viewer_token": None,
-        "blur_faces": False,
-        "allowed_hosts": "testserver",  # TestClient's Host
-    }
-    base.update(overrides)
-    return ViewerSettings(**base)
+    """The viewer under test: quick to show "no signal" (2 s), streams at up to 20 fps."""
+    return viewer_settings(**{"no_signal_after_s": 2.0, "stream_fps": 20.0, **overrides})
 
 
 class Feeder:
@@ -96,11 +75,6 @@ class Feeder:
                 self.r.set(C.camera_heartbeat_key(self.camera_id), "live", ex=C.CAMERA_HEARTBEAT_TTL_S)
             self.seq += 1
             self.stop.wait(0.1)
-
-
-def camera(client: TestClient, camera_id: str) -> dict[str, Any] | None:
-    cams = client.get("/api/cameras").json()
-    return next((c for c in cams if c["id"] == camera_id), None)
 
 
 def decode(jpeg: bytes) -> np.ndarray:

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
 from services.viewer.app import create_app
 from services.viewer.palette import CLASS_COLOURS, NO_MODEL_COLOUR, UNCERTAIN_COLOUR, bgr, colour_of, text_on
-from services.viewer.settings import ViewerSettings
 from services.viewer.state import classes_of
 from shared.schema import FIELD, Face, ModelRef, Result, SchemaError, Timestamps, _pack
-from tests.faults_support import Services, make_photo_folder, service_env
-from tests.support import wait_until
+from tests.helpers.photos import make_photo_folder
+from tests.helpers.processes import Services, service_env
+from tests.helpers.viewer import viewer_settings
+from tests.helpers.waiting import wait_until
 
 CLASSES = ["cat", "dog", "other"]
 OKABE_ITO = {"cat": "#E69F00", "dog": "#56B4E9", "other": "#009E73"}
@@ -119,7 +119,7 @@ def test_a_three_class_model_is_counted_coloured_and_labelled_end_to_end(
     photos = make_photo_folder(tmp_path / "photos", count=4)
     env = service_env(redis_url, models_dir)
     services = Services(log_dir=tmp_path, base_env=env)
-    settings = ViewerSettings(redis_url=SecretStr(redis_url), allowed_hosts="testserver", viewer_token=None)
+    settings = viewer_settings(redis_url)
     try:
         services.capture("capture", photos, "pets", fps=5)
         services.worker("worker")

@@ -15,9 +15,7 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,76 +29,20 @@ from pydantic import SecretStr, ValidationError
 from services.viewer.settings import ViewerSettings
 from shared import constants as C
 from shared.schema import MAX_FACES
-from tests.test_viewer_support import (
+from tests.helpers.net import free_port
+from tests.helpers.paths import REPO
+from tests.helpers.photos import photo_jpeg, photo_paths
+from tests.helpers.processes import GENDERLENS
+from tests.helpers.viewer import (
     REDIS_URL,
-    REPO,
-    free_port,
+    ViewerProcess,
     make_face,
-    photo_jpeg,
-    photo_paths,
     publish_frame,
     publish_result,
-    redis_or_skip,
     register_camera,
-    wait_until,
+    viewer_settings,
 )
-
-ARTIFACTS = REPO / "test-artifacts"
-
-
-@pytest.fixture
-def rdb() -> Iterator[redis.Redis]:
-    client = redis_or_skip()
-    client.flushdb()  # database 13 only
-    yield client
-    client.flushdb()
-    client.close()
-
-
-def genderlens_cmd() -> list[str]:
-    exe = REPO / ".venv" / "bin" / "genderlens"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "services"]
-
-
-class ViewerProcess:
-    """A real ``genderlens view`` (uvicorn) on a free port, its log in test-artifacts/."""
-
-    def __init__(self, name: str, **env: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = ARTIFACTS / f"{name}.log"
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("GENDERLENS_")},
-            "GENDERLENS_REDIS_URL": REDIS_URL,
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*genderlens_cmd(), "view", "--port", str(self.port)],
-                cwd=REPO,
-                env=full_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"viewer exited {self.proc.returncode}:\n{self.log()}")
-            return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
-
-        wait_until(ready, timeout=timeout, interval=0.2, what="viewer ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+from tests.helpers.waiting import wait_until
 
 
 # -- item 11: many faces must not stall the event loop --------------------------------------------------
@@ -113,9 +55,7 @@ def test_many_faces_per_result_keep_healthz_fast_and_sigterm_prompt(rdb: redis.R
     register_camera(rdb, "crowd")
     jpeg, width, height = photo_jpeg(photo_paths(1)[0], width=640)
     entry_id, frame = publish_frame(rdb, "crowd", 0, jpeg, width, height)
-    viewer = ViewerProcess("viewer-many-faces")
-    try:
-        viewer.wait_ready()
+    with ViewerProcess("viewer-many-faces") as viewer:
         wait_until(
             lambda: any(c["id"] == "crowd" for c in httpx.get(f"{viewer.base}/api/cameras").json()),
             what="camera listed",
@@ -158,8 +98,6 @@ def test_many_faces_per_result_keep_healthz_fast_and_sigterm_prompt(rdb: redis.R
         assert code == 0, viewer.log()
         assert took < 8, f"SIGTERM took {took:.1f}s"
         print(f"\nworst /healthz {worst * 1000:.0f} ms; SIGTERM to exit {took:.2f} s")
-    finally:
-        viewer.stop()
 
 
 # -- item 4: empty or tiny tokens -------------------------------------------------------------------
@@ -184,7 +122,7 @@ def test_an_empty_token_cannot_open_a_public_bind() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GENDERLENS_")}
         env.update(GENDERLENS_VIEWER_TOKEN=token, GENDERLENS_REDIS_URL=REDIS_URL)
         proc = subprocess.run(
-            [*genderlens_cmd(), "view", "--host", "0.0.0.0", "--port", str(free_port())],
+            [*GENDERLENS, "view", "--host", "0.0.0.0", "--port", str(free_port())],
             env=env,
             cwd=REPO,
             capture_output=True,
@@ -200,9 +138,7 @@ def test_an_empty_token_cannot_open_a_public_bind() -> None:
 # -- item 5: Host and Origin -----------------------------------------------------------------------
 def test_unknown_host_names_get_400_so_dns_rebinding_reads_nothing(rdb: redis.Redis) -> None:
     register_camera(rdb, "lobby", source="/secret/path/lobby.mp4")
-    viewer = ViewerProcess("viewer-hosts", GENDERLENS_ALLOWED_HOSTS="wall.example.org")
-    try:
-        viewer.wait_ready()
+    with ViewerProcess("viewer-hosts", GENDERLENS_ALLOWED_HOSTS="wall.example.org") as viewer:
         url = f"{viewer.base}/api/cameras"
         for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.nip.io", "localhost.evil"):
             r = httpx.get(url, headers={"Host": host}, timeout=5)
@@ -220,8 +156,6 @@ def test_unknown_host_names_get_400_so_dns_rebinding_reads_nothing(rdb: redis.Re
         wait_until(lambda: "lobby" in httpx.get(url, timeout=5).text, what="camera listed")
         assert ws_handshake_status(viewer.port, "attacker.example") == 400
         assert ws_handshake_status(viewer.port, f"127.0.0.1:{viewer.port}") == 101
-    finally:
-        viewer.stop()
 
 
 def ws_handshake_status(port: int, host: str) -> int:
@@ -243,9 +177,7 @@ def ws_connect(uri: str, **kwargs: Any) -> Any:
 
 def test_websocket_and_changes_refuse_other_origins(rdb: redis.Redis) -> None:
     register_camera(rdb, "lobby", source="/secret/path/lobby.mp4")
-    viewer = ViewerProcess("viewer-origins", GENDERLENS_ALLOWED_ORIGINS="https://wall.example.org")
-    try:
-        viewer.wait_ready()
+    with ViewerProcess("viewer-origins", GENDERLENS_ALLOWED_ORIGINS="https://wall.example.org") as viewer:
         uri = f"ws://127.0.0.1:{viewer.port}/ws"
         for origin in (
             "http://evil.example",
@@ -272,8 +204,6 @@ def test_websocket_and_changes_refuse_other_origins(rdb: redis.Redis) -> None:
         # Reads from anywhere are still fine for programs (no Origin); the browser's own CORS rules
         # keep other sites from reading those responses.
         assert httpx.get(f"{viewer.base}/api/cameras").status_code == 200
-    finally:
-        viewer.stop()
 
 
 # -- item 7: throttled guessing ----------------------------------------------------------------------
@@ -282,14 +212,12 @@ def test_failed_token_guesses_are_throttled_per_client(rdb: redis.Redis) -> None
     attempt per `refill` seconds (429 + Retry-After meanwhile, whatever it presents, on every auth
     path), while other clients and the right token keep working."""
     token = secrets.token_urlsafe(24)
-    viewer = ViewerProcess(
+    with ViewerProcess(
         "viewer-guessing",
         GENDERLENS_VIEWER_TOKEN=token,
         GENDERLENS_AUTH_FAIL_BURST="5",
         GENDERLENS_AUTH_FAIL_REFILL_S="2",
-    )
-    try:
-        viewer.wait_ready()
+    ) as viewer:
         url = f"{viewer.base}/api/cameras"
         statuses: list[int] = []
         started = time.monotonic()
@@ -326,8 +254,6 @@ def test_failed_token_guesses_are_throttled_per_client(rdb: redis.Redis) -> None
         assert "genderlens_viewer_auth_throttled_total" in metrics
         rate = looked_at / took
         print(f"\nguesses looked at: {looked_at} in {took:.1f}s ({rate:.1f}/s; {len(statuses)} requests)")
-    finally:
-        viewer.stop()
 
 
 def test_failure_limiter_memory_is_bounded() -> None:
@@ -357,9 +283,7 @@ def test_favicon_and_offline_docs(rdb: redis.Redis) -> None:
     from services.viewer.app import create_app
 
     token = secrets.token_urlsafe(24)
-    settings = ViewerSettings(
-        redis_url=SecretStr(REDIS_URL), viewer_token=SecretStr(token), allowed_hosts="testserver"
-    )
+    settings = viewer_settings(viewer_token=SecretStr(token))
     with TestClient(create_app(settings)) as client:
         icon = client.get("/favicon.ico")  # open, like the login page that shows it
         assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"

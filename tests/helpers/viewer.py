@@ -1,80 +1,69 @@
-"""Helpers shared by the viewer's API and browser tests (this module holds no tests itself).
+"""The viewer under test: its settings for ``TestClient``, a real ``genderlens view`` process, and the
+frames, results and cameras it reads, written to Redis exactly as capture and workers write them.
 
-Real everything: the Redis at 127.0.0.1:6379 (database 13 only, flushed before and after), JPEG frames
-made from the real face photos in ``../shared/data/faces/eval``, and results built with the schema
-classes exactly as workers publish them.
+The viewer tests own database 13 of the test Redis (flushed before and after each test, see the
+``rdb`` fixture in tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-import pytest
+import httpx
 import redis
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
+from services.viewer.settings import ViewerSettings
 from shared import constants as C
 from shared.schema import CameraInfo, Face, Frame, ModelRef, Result, Timestamps
-from tests.support import redis_url_for_db
+from tests.helpers.net import free_port
+from tests.helpers.paths import REPO
+from tests.helpers.processes import genderlens
+from tests.helpers.redis_servers import VIEWER_DB, VIEWER_REDIS_URL, connect_or_skip
+from tests.helpers.waiting import wait_until
 
-REDIS_DB = 13
-REDIS_URL = redis_url_for_db(REDIS_DB)
+REDIS_DB, REDIS_URL = VIEWER_DB, VIEWER_REDIS_URL
 _PARTS = redis.connection.parse_url(REDIS_URL)
 REDIS_HOST, REDIS_PORT = str(_PARTS.get("host", "127.0.0.1")), int(_PARTS.get("port", 6379))
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-EVAL_DIR = SHARED / "data" / "faces" / "eval"
-WEIGHTS_DIR = SHARED / "weights" / "yunet"
-REPO = Path(__file__).resolve().parents[1]
 TEST_MODEL = ModelRef("test", "v1")
+ARTIFACTS = REPO / "test-artifacts"
 
 
 def redis_or_skip() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); the viewer tests need a real one")
-    return client
+    """A client of the viewer tests' database (not flushed); the test skips without a Redis."""
+    return connect_or_skip(REDIS_URL)
 
 
-def photo_paths(n: int, gender: str | None = None) -> list[Path]:
-    """Real head-and-shoulders portraits (Pixabay part of the eval set), in a fixed order."""
-    if not EVAL_DIR.is_dir():
-        pytest.skip(f"face photos not found at {EVAL_DIR} (../shared/data/faces/eval)")
-    genders = [gender] if gender else ["female", "male"]
-    per = [sorted((EVAL_DIR / g / "pixabay").glob("*.jpg")) for g in genders]
-    out: list[Path] = []
-    for i in range(max(len(p) for p in per)):
-        for paths in per:
-            if i < len(paths):
-                out.append(paths[i])
-        if len(out) >= n:
-            break
-    if len(out) < n:
-        pytest.skip(f"need {n} photos in {EVAL_DIR}, found {len(out)}")
-    return out[:n]
+def viewer_settings(redis_url: str | SecretStr = REDIS_URL, **overrides: Any) -> ViewerSettings:
+    """Settings for the viewer app under ``TestClient``: no token, no blur, and TestClient's Host
+    ("testserver") allowed; ``overrides`` win."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url if isinstance(redis_url, SecretStr) else SecretStr(redis_url),
+        "viewer_token": None,
+        "blur_faces": False,
+        "allowed_hosts": "testserver",  # TestClient's Host
+    }
+    values.update(overrides)
+    return ViewerSettings(**values)
 
 
-def photo_jpeg(path: Path, width: int = 480) -> tuple[bytes, int, int]:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert image is not None, path
-    scale = width / image.shape[1]
-    image = cv2.resize(image, (width, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return buf.tobytes(), image.shape[1], image.shape[0]
+def camera(client: TestClient, camera_id: str) -> dict[str, Any] | None:
+    """The viewer's /api/cameras entry of ``camera_id``, or None."""
+    return next((c for c in client.get("/api/cameras").json() if c["id"] == camera_id), None)
 
 
-def register_camera(r: redis.Redis, camera_id: str, source: str = "test", status: str = "live") -> None:
+# -- what capture and workers write -------------------------------------------------------------------
+def register_camera(
+    r: redis.Redis, camera_id: str, source: str = "test", status: str = "live", fps: float = 5.0
+) -> None:
     now = time.time()
-    info = CameraInfo(camera_id, source, 5.0, status, now, now)
+    info = CameraInfo(camera_id, source, fps, status, now, now)
     r.hset(C.CAMERAS_KEY, camera_id, info.pack())  # type: ignore[arg-type]
     r.set(C.camera_heartbeat_key(camera_id), status, ex=C.CAMERA_HEARTBEAT_TTL_S)
 
@@ -98,15 +87,10 @@ def make_face(box: tuple[float, float, float, float], p_female: float | None) ->
     return Face(box=box, landmarks=lms, score=0.95, label=label, probs=probs)
 
 
-def publish_result(
-    r: redis.Redis,
-    frame_id: str,
-    frame: Frame,
-    faces: list[Face],
-    model: ModelRef | None = TEST_MODEL,
-) -> Result:
+def result_for(frame_id: str, frame: Frame, faces: list[Face], model: ModelRef | None = TEST_MODEL) -> Result:
+    """A worker's result for ``frame`` (its stream entry ``frame_id``), a few milliseconds later."""
     t = frame.captured_at
-    result = Result(
+    return Result(
         camera_id=frame.camera_id,
         seq=frame.seq,
         frame_id=frame_id,
@@ -117,45 +101,67 @@ def publish_result(
         worker="test-worker",
         faces=tuple(faces),
     )
+
+
+def publish_result(
+    r: redis.Redis,
+    frame_id: str,
+    frame: Frame,
+    faces: list[Face],
+    model: ModelRef | None = TEST_MODEL,
+) -> Result:
+    result = result_for(frame_id, frame, faces, model)
     r.xadd(C.results_stream(frame.camera_id), result.to_fields(), maxlen=256, approximate=True)
     return result
 
 
-def detect_faces(jpeg: bytes) -> list[tuple[float, float, float, float]]:
-    """Real face boxes from YuNet (the same weights the workers use), for results that match a photo."""
-    onnx = WEIGHTS_DIR / "face_detection_yunet_2023mar.onnx"
-    if not onnx.is_file():
-        pytest.skip(f"YuNet weights not found at {onnx}")
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    detector = cv2.FaceDetectorYN.create(str(onnx), "", (image.shape[1], image.shape[0]), 0.6)
-    _, faces = detector.detect(image)
-    if faces is None:
-        return []
-    return [tuple(float(v) for v in f[:4]) for f in faces]  # type: ignore[misc]
+# -- a real viewer process ------------------------------------------------------------------------------
+class ViewerProcess:
+    """A real ``genderlens view`` (uvicorn) on a free port against the viewer tests' database, its log
+    in test-artifacts/. As a context manager: ready on entry, killed on exit."""
 
+    def __init__(self, name: str, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = ARTIFACTS / f"{name}.log"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GENDERLENS_")},
+            "GENDERLENS_REDIS_URL": REDIS_URL,
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.proc = genderlens(
+            "view", "--port", str(self.port), env=full_env, log=self.log_path, inherit_env=False
+        )
 
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            last = check()
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check} (last: {last!r})")
+    def __enter__(self) -> ViewerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
-def sharpness(image: np.ndarray) -> float:
-    """Variance of the Laplacian: high for detailed pixels, near zero once blurred."""
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"viewer exited {self.proc.returncode}:\n{self.log()}")
+            return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        wait_until(ready, timeout=timeout, interval=0.2, what="viewer ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 class CuttableProxy:
