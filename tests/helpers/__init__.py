@@ -6,8 +6,3 @@ One home per job: ``paths`` (the one place that knows where ``../shared`` is), `
 ``artifacts`` and ``datasets`` (model artifacts, training subsets), ``accounting``, ``viewer``,
 ``browser`` and ``deploy``. Fixtures built on them live in ``tests/conftest.py``.
 """
-
-import pytest
-
-# Plain asserts in these helpers get pytest's detailed messages too (must run before they are imported).
-pytest.register_assert_rewrite("tests.helpers")
