@@ -18,7 +18,7 @@ def make_artifact(
 ) -> ModelMeta:
     """A small, untrained but complete ``gendernet`` (width 8) artifact, published for real; it labels
     every face with a class (no uncertainty threshold)."""
-    when = {"created_at": created_at} if created_at else {}  # default: now
+    when: dict[str, Any] = {"created_at": created_at} if created_at else {}  # default: now
     return publish_untrained(
         models_dir,
         name=name,

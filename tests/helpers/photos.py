@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,7 +45,7 @@ def photo_paths(n: int, gender: str | None = None) -> list[Path]:
     return out[:n]
 
 
-def fit_width(image: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.uint8]:
+def fit_width(image: npt.NDArray[Any], width: int) -> npt.NDArray[np.uint8]:
     """``image`` scaled (area interpolation) to ``width`` pixels wide, aspect kept."""
     scale = width / image.shape[1]
     size = (width, round(image.shape[0] * scale))
@@ -122,6 +123,7 @@ def detect_faces(jpeg: bytes) -> list[tuple[float, float, float, float]]:
     onnx = WEIGHTS_DIR / "face_detection_yunet_2023mar.onnx"
     require_shared(onnx)
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
     detector = cv2.FaceDetectorYN.create(str(onnx), "", (image.shape[1], image.shape[0]), 0.6)
     _, faces = detector.detect(image)
     if faces is None:

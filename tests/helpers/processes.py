@@ -26,8 +26,7 @@ def genderlens(
     """Start a ``genderlens`` subcommand as a real process, in its own session (so a test can signal
     the whole group), its output appended to ``log``. ``env`` adds to this process's environment, or
     with ``inherit_env=False`` is the whole environment."""
-    out = log.open("ab") if log else subprocess.DEVNULL
-    try:
+    with log.open("ab") if log else open(os.devnull, "wb") as out:  # the child keeps its own copy
         return subprocess.Popen(
             [*GENDERLENS, *args],
             cwd=REPO,
@@ -36,9 +35,6 @@ def genderlens(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    finally:
-        if out is not subprocess.DEVNULL:
-            out.close()  # the child holds its own copy
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
@@ -50,7 +46,7 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-            raise AssertionError(f"{proc.args} did not stop within {timeout_s}s of SIGTERM") from None
+            raise AssertionError(f"{proc.args!r} did not stop within {timeout_s}s of SIGTERM") from None
     return int(proc.returncode)
 
 
