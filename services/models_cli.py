@@ -25,11 +25,9 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from shared import constants as C
 from shared.models.artifact import (
     META_FILE,
     ArtifactError,
@@ -361,26 +359,8 @@ def _point(settings: ModelsCliSettings, meta: ModelMeta, verb: str, announce: bo
     log.info("%s %s", verb, meta.dirname)
     sys.stdout.write(f"current -> {meta.dirname}\n")
     if announce:
-        _announce(settings, meta)
+        from shared.events import announce_model
+
+        url = settings.redis_url.get_secret_value()
+        announce_model(url, meta, timeout_s=2.0, client_name="models-cli")
     return 0
-
-
-def _announce(settings: ModelsCliSettings, meta: ModelMeta) -> None:
-    import redis
-
-    from shared.schema import ModelEvent
-    from shared.streams import connect, redact_url
-
-    url = settings.redis_url.get_secret_value()
-    event = ModelEvent(name=meta.name, version=meta.version, path=meta.dirname, at=time.time())
-    client = connect(url, timeout_s=2.0, name="models-cli")
-    try:
-        client.xadd(C.MODEL_EVENTS_STREAM, event.to_fields(), maxlen=C.MODEL_EVENTS_MAXLEN, approximate=True)
-    except redis.RedisError as exc:
-        log.warning(
-            "could not announce the change on %s (%s); workers will see it at their next poll",
-            redact_url(url),
-            exc,
-        )
-    finally:
-        client.close()
