@@ -326,14 +326,12 @@ def last_linear(model: nn.Module) -> nn.Linear:
 
 
 def fold_calibration(model: nn.Module, shift: torch.Tensor, temperature: float) -> None:
-    """Make the model output ``(logits + shift) / temperature``: folded into the last linear layer (of
-    every member, for a model that averages the logits of ``members``), so serving needs nothing extra."""
-    members = getattr(model, "members", None)
-    heads = [last_linear(m) for m in members] if isinstance(members, nn.ModuleList) else [last_linear(model)]
+    """Make the model output ``(logits + shift) / temperature``: folded into its last linear layer,
+    so serving needs nothing extra."""
+    head = last_linear(model)
     with torch.no_grad():
-        for head in heads:
-            head.weight.div_(temperature)
-            head.bias.add_(shift.to(head.bias.device)).div_(temperature)
+        head.weight.div_(temperature)
+        head.bias.add_(shift.to(head.bias.device)).div_(temperature)
 
 
 @torch.inference_mode()
