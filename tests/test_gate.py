@@ -22,10 +22,10 @@ import redis
 from services.cli import main as cli_main
 from shared import constants as C
 from shared.models.artifact import current_dir, list_versions, publish_untrained, read_meta, set_current
+from shared.models.promotion import NO_BASELINE, RECORDED, SAME_SPLIT, Baseline, GateSettings, decide, gap
 from shared.redis_server import RedisServer
 from tests.faults_support import REDIS7
 from tests.support import genderlens, stop, wait_until
-from trainer.gate import NO_BASELINE, RECORDED, SAME_SPLIT, Baseline, GateSettings, decide, gap
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TRAIN = SHARED / "data" / "faces" / "train"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from shared.models import promotion
 from shared.models.archs import ARCHITECTURES, build_model
 from shared.models.artifact import ModelMeta, new_version, publish
 from shared.preprocess import DEFAULT_MARGIN, DEFAULT_TEMPLATE, PREPROCESS_VERSION
@@ -182,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="gender", help="model name (artifact directory prefix)")
     p.add_argument("--no-publish", action="store_true", help="train and report, publish nothing")
     p.add_argument("--no-current", action="store_true", help="publish without moving the current pointer")
-    gate.add_arguments(p)
+    promotion.add_arguments(p)
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
     p.add_argument(
         "--checkpoint-dir",
@@ -479,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     started = time.time()
     git_commit = _git_commit()  # the code this run starts with (files may change while it trains)
-    gate_settings = gate.settings_from_args(args)  # bad gate flags fail now, not after training
+    gate_settings = promotion.settings_from_args(args)  # bad gate flags fail now, not after training
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -915,7 +916,7 @@ def run(args: argparse.Namespace) -> int:
             crops[torch.from_numpy(split.val)],
         ),
     )
-    decision = gate.decide(val_report, baseline, gate_settings)
+    decision = promotion.decide(val_report, baseline, gate_settings)
     full_report["gate"] = decision.to_json()
     make_current = not args.no_current and (decision.promote or args.ignore_gate)
     extra = {"report.json": to_json(full_report), **plots(report, history)}
