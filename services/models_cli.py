@@ -7,8 +7,8 @@
 - ``promote VERSION``: point ``current`` at VERSION (its directory name, or just its version string),
   after loading it exactly as a worker would (metadata contract, weights, probe forward pass), so a
   broken artifact is refused here rather than by every worker; then the promotion gate of
-  ``genderlens train`` (``trainer/gate.py``: quality against the current model, fairness gaps), with the
-  same override, ``--ignore-gate``.
+  ``genderlens train`` (``shared.models.promotion``: quality against the current model, fairness
+  gaps), with the same override, ``--ignore-gate``.
 - ``rollback``: point ``current`` at the newest version created before the current one that loads;
   broken versions in between are skipped with a note (a refused artifact was never served, so
   "previous" means the previous *servable* version). No gate: going back is always allowed.
@@ -25,11 +25,10 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from shared import constants as C
+from shared.models import promotion
 from shared.models.artifact import (
     META_FILE,
     ArtifactError,
@@ -71,8 +70,6 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer import gate  # stdlib-only at import: cheap
-
     _common_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -89,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     promote.add_argument(
         "--force", action="store_true", help="promote even if the artifact fails to load (not advised)"
     )
-    gate.add_arguments(promote)
+    promotion.add_arguments(promote)
     rollback = sub.add_parser(
         "rollback", help="point current at the previous servable version (no gate)", formatter_class=fmt
     )
@@ -294,10 +291,8 @@ def _candidate_figures(meta: ModelMeta, report: dict[str, Any]) -> dict[str, Any
 
 
 def _promote(settings: ModelsCliSettings, args: argparse.Namespace) -> int:
-    from trainer import gate
-
     models_dir = settings.models_dir
-    gate_settings = gate.settings_from_args(args)
+    gate_settings = promotion.settings_from_args(args)
     meta = _find(models_dir, args.version)
     if meta is None:
         return 1
@@ -324,8 +319,8 @@ def _promote(settings: ModelsCliSettings, args: argparse.Namespace) -> int:
             sys.stdout.write(f"  to make it current anyway: {hint}\n")
             return 1
         return _point(settings, meta, "promoted (gate ignored)", not args.no_event)
-    baseline = gate.baseline_for_promote(models_dir, _read_report(models_dir / meta.dirname), current)
-    decision = gate.decide(figures, baseline, gate_settings)
+    baseline = promotion.baseline_for_promote(models_dir, _read_report(models_dir / meta.dirname), current)
+    decision = promotion.decide(figures, baseline, gate_settings)
     made_current = decision.promote or args.ignore_gate
     sys.stdout.write("\n".join(decision.lines(meta.dirname, made_current, hint)) + "\n")
     if not made_current:
@@ -361,26 +356,8 @@ def _point(settings: ModelsCliSettings, meta: ModelMeta, verb: str, announce: bo
     log.info("%s %s", verb, meta.dirname)
     sys.stdout.write(f"current -> {meta.dirname}\n")
     if announce:
-        _announce(settings, meta)
+        from shared.events import announce_model
+
+        url = settings.redis_url.get_secret_value()
+        announce_model(url, meta, timeout_s=2.0, client_name="models-cli")
     return 0
-
-
-def _announce(settings: ModelsCliSettings, meta: ModelMeta) -> None:
-    import redis
-
-    from shared.schema import ModelEvent
-    from shared.streams import connect, redact_url
-
-    url = settings.redis_url.get_secret_value()
-    event = ModelEvent(name=meta.name, version=meta.version, path=meta.dirname, at=time.time())
-    client = connect(url, timeout_s=2.0, name="models-cli")
-    try:
-        client.xadd(C.MODEL_EVENTS_STREAM, event.to_fields(), maxlen=C.MODEL_EVENTS_MAXLEN, approximate=True)
-    except redis.RedisError as exc:
-        log.warning(
-            "could not announce the change on %s (%s); workers will see it at their next poll",
-            redact_url(url),
-            exc,
-        )
-    finally:
-        client.close()

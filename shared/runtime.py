@@ -1,6 +1,6 @@
-"""Process plumbing every service shares: logging set-up, one stop event wired to SIGTERM/SIGINT,
-the worker/consumer name, the optional Prometheus /metrics server, and children that die with their
-parent."""
+"""Process plumbing every service and command shares: the one logging set-up, a command's report on
+stdout, one stop event wired to SIGTERM/SIGINT, the worker/consumer name, the optional Prometheus
+/metrics server, and children that die with their parent."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -16,12 +17,26 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        force=True,
-    )
+#: One line per record; the process id tells apart the processes that share a terminal (``genderlens up``).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def setup_logging(level: str | int = "INFO", *, replace: bool = True) -> None:
+    """Configure the root logger (stderr, :data:`LOG_FORMAT`), the same way in every process.
+
+    ``replace=False`` leaves logging alone when something already configured it: the trainer's
+    commands and the dev tools also run inside other programs (tests, notebooks), whose handlers
+    must survive; a service's main replaces whatever an import may have set up."""
+    if not replace and logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+
+
+def say(message: str) -> None:
+    """A command's own report on stdout (what it was asked for: figures, verdicts, paths), as opposed
+    to logging (stderr, diagnostics). Flushed, so it stays in order with progress bars and logs."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def install_stop_handlers(stop: threading.Event) -> None:

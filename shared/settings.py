@@ -47,9 +47,10 @@ class CommonSettings(BaseSettings):
     def load(cls, command: str, **overrides: Any) -> Self:
         """Build from the environment, apply CLI flags, validate. On any error exit with one line per
         bad field. Only pydantic's message is shown, never the input value, which may be a secret
-        (a Redis URL with its password)."""
+        (a Redis URL with its password). Flags are init arguments, so a field without a default may
+        come from a flag alone (``None`` means: flag not given)."""
         try:
-            return cls().with_overrides(**overrides)
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in err['loc']) or 'settings'}: {err['msg']}"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from shared.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,7 @@ def resolve_weights(
     digest = hashlib.sha256(data).hexdigest()
     if digest != spec.sha256:
         raise WeightsError(f"downloaded {name} has sha256 {digest}, expected {spec.sha256}; not used")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    Path(tmp).replace(path)
+    atomic_write(path, data)
     return path
 
 

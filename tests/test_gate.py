@@ -20,6 +20,7 @@ import redis
 from services.cli import main as cli_main
 from shared import constants as C
 from shared.models.artifact import current_dir, list_versions, publish_untrained, read_meta, set_current
+from shared.models.promotion import NO_BASELINE, RECORDED, SAME_SPLIT, Baseline, GateSettings, decide, gap
 from shared.redis_server import RedisServer
 from tests.helpers.datasets import copy_rows, manifest_rows, spread
 from tests.helpers.paths import REPO, skip_without
@@ -27,7 +28,6 @@ from tests.helpers.paths import TRAIN_DIR as TRAIN
 from tests.helpers.paths import WEIGHTS_DIR as WEIGHTS
 from tests.helpers.processes import genderlens, stop
 from tests.helpers.waiting import wait_until
-from trainer.gate import NO_BASELINE, RECORDED, SAME_SPLIT, Baseline, GateSettings, decide, gap
 
 SHIPPED = REPO / "models"
 

@@ -463,7 +463,6 @@ def _rewrite_meta(folder: Path, **changes: Any) -> None:
     ("arch", "config", "reason"),
     [
         ("gendernet", {"width": 2000}, "width=2000 is outside gendernet's bounds"),
-        ("gendernet_ensemble", {"members": 3000}, "members=3000 is outside gendernet_ensemble's bounds"),
     ],
 )
 def test_13_an_artifact_asking_for_a_huge_model_is_refused_from_its_metadata(

@@ -45,15 +45,21 @@ import shared.models.artifact as A
 from shared.models.archs import build_model
 from shared.preprocess import PREPROCESS_VERSION
 stage = sys.argv[2]
-real_write = A._write_file
+def die_half_way(fh, data):
+    fh.write(data[: len(data) // 2])  # half written, then the process dies
+    fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+real_write, real_atomic = A.write_synced, A.atomic_write
 def dying_write(path, data):
-    if (stage == "weights" and path.name == A.WEIGHTS_FILE) or (stage == "current" and ".current." in path.name):
+    if stage == "weights" and path.name == A.WEIGHTS_FILE:
         with path.open("wb") as fh:
-            fh.write(data[: len(data) // 2])  # half written, then the process dies
-            fh.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+            die_half_way(fh, data)
     real_write(path, data)
-A._write_file = dying_write
+def dying_atomic(path, data):
+    if stage == "current" and path.name == A.CURRENT_FILE:
+        return real_atomic(path, lambda fh: die_half_way(fh, data))  # dies inside the real atomic write
+    real_atomic(path, data)
+A.write_synced, A.atomic_write = dying_write, dying_atomic
 meta = A.ModelMeta(name="gender", version="v2", arch="gendernet", arch_config={"width": 8},
                    classes=["female", "male"], input_size=32, margin=1.0, mean=[0.5] * 3, std=[0.25] * 3,
                    preprocess_version=PREPROCESS_VERSION)

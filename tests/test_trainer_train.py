@@ -117,30 +117,3 @@ def test_empty_class_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture
     cv2.imwrite(str(tmp_path / "d" / "female" / "a.jpg"), np.zeros((32, 32, 3), np.uint8))
     assert cli_main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m")]) == 2
     assert "class 'male' has no usable images" in capsys.readouterr().err
-
-
-@needs_shared
-def test_ensemble_of_two_runs(tmp_path: Path) -> None:
-    from trainer.ensemble import main as ensemble_main
-
-    data = _tiny_subset(tmp_path / "data", per_class=10)
-    for seed in ("1", "2"):
-        args = _train_args(data, tmp_path, "--no-announce", "--seed", seed, "--no-current")
-        args[args.index("--epochs") + 1] = "1"
-        args[args.index("--checkpoint-dir") + 1] = str(tmp_path / f"run{seed}")
-        assert cli_main(args) == 0
-    members = [m.dirname for m in list_versions(tmp_path / "models")]
-    assert len(members) == 2
-    out = tmp_path / "ens"
-    code = ensemble_main(
-        ["--members", *(str(tmp_path / "models" / m) for m in members), "--data", str(data),
-         "--cache-dir", str(tmp_path / "cache"), "--weights-dir", str(WEIGHTS), "--out", str(out),
-         "--val-fraction", "0.25", "--test-fraction", "0.2", "--no-announce"]
-    )  # fmt: skip
-    assert code == 0
-    art = current_dir(out)
-    assert art is not None
-    clf = load_artifact(art)
-    assert clf.meta.arch == "gendernet_ensemble" and clf.meta.arch_config["members"] == 2
-    assert clf.meta.training["members"] == members
-    assert clf.predict(torch.zeros((2, 3, 64, 64), dtype=torch.uint8)).shape == (2, 2)

@@ -3,7 +3,7 @@
 For each models folder (its ``current`` model) or artifact folder, interleaved over ``--rounds``:
 
 * the classifier alone: ``Classifier.predict`` on uint8 chips at batch 32 (faces/s), as the worker
-  calls it (``trainer.benchmark``);
+  calls it (``tools.bench_classifier``);
 * the worker's whole ``Pipeline`` (decode, detect, align, classify) on the same clip as
   ``genderlens bench`` (``tools.bench.clip.build_clip`` / ``tools.bench.inprocess.run_pipeline``), best round.
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.models.artifact import load_artifact
     from tools.bench.clip import build_clip
     from tools.bench.inprocess import run_pipeline
-    from trainer.benchmark import bench
+    from tools.bench_classifier import bench
 
     clip = build_clip(args.photos, args.frames)
     paths = [_resolve(m) for m in args.models]

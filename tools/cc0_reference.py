@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from shared.runtime import setup_logging
 from trainer.data import load_bgr
 from trainer.evaluate import read_eval_samples
 from trainer.faces import central_face, make_detector
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     p = argparse.ArgumentParser(prog="python -m tools.cc0_reference", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="folder of photos: CLASS/[SOURCE/...]/image")
     p.add_argument("--detector", default="cv2-yunet")

@@ -39,6 +39,7 @@ import numpy as np
 
 from services.viewer.appearance import Signature, signatures_from_jpeg
 from services.viewer.tracker import FaceTracker, threshold_of
+from shared.runtime import setup_logging
 from shared.schema import ModelRef, Result, Timestamps
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=Path, default=Path("test-artifacts/flicker-clip.avi"))
     parser.add_argument("--json-out", type=Path, default=Path("test-artifacts/flicker.json"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(message)s")
+    setup_logging("INFO")
     args.clip.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     photos = pick_photos(args.eval_dir, args.photos)

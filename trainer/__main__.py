@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.train import main
+from trainer.train import get_args_parser, main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -79,12 +79,18 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def augment(
     crops: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, device: torch.device
 ) -> torch.Tensor:
-    """uint8 CPU [B,3,S,S] -> augmented float [B,3,S,S] in 0..1 on ``device``."""
+    """uint8 CPU [B,3,S,S] -> augmented float [B,3,S,S] in 0..1 on ``device``. The steps draw from
+    ``gen`` in this order, so a seed gives the same batch."""
     crops = jpeg_batch(crops, gen, cfg)
     x = crops.to(device, non_blocking=True).float() / 255.0
-    b, _, s, _ = x.shape
+    for step in (_geometry, _lighting, _blur, _sharpen, _low_resolution, _noise, _occlusion, _frame_edge):
+        x = step(x, gen, cfg)
+    return x
 
-    # Geometry: rotation, scale, shift and flip in one affine grid (zeros outside, as at a frame edge).
+
+def _geometry(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Rotation, scale, shift and flip in one affine grid (zeros outside, as at a frame edge)."""
+    (b, _, s, _), device = x.shape, x.device
     ang = _uniform(gen, b, -cfg.rotate_deg, cfg.rotate_deg, device) * (math.pi / 180)
     scl = _uniform(gen, b, cfg.scale[0], cfg.scale[1], device)
     tx = _uniform(gen, b, -cfg.shift, cfg.shift, device) * 2
@@ -95,9 +101,12 @@ def augment(
         [torch.stack([cos * flip, -sin, tx], dim=1), torch.stack([sin * flip, cos, ty], dim=1)], dim=1
     )
     grid = F.affine_grid(theta, [b, 3, s, s], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    # Lighting and colour.
+
+def _lighting(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Brightness, contrast, white balance, gamma, saturation (or grayscale)."""
+    b, device = x.shape[0], x.device
     bright = _uniform(gen, b, 1 - cfg.brightness, 1 + cfg.brightness, device).view(b, 1, 1, 1)
     x = x * bright
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -110,68 +119,95 @@ def augment(
     gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
     sat = _uniform(gen, b, 1 - cfg.saturation, 1 + cfg.saturation, device).view(b, 1, 1, 1)
     sat = torch.where(_bern(gen, b, cfg.gray_p, device).view(b, 1, 1, 1), torch.zeros_like(sat), sat)
-    x = (gray + (x - gray) * sat).clamp(0, 1)
+    return (gray + (x - gray) * sat).clamp(0, 1)
 
-    # Blur (separable gaussian, per-image sigma) or low resolution (down, then back up).
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable gaussian blur, one sigma per image (radius 3, edges replicated)."""
+    b, _, s, _ = x.shape
+    k = _gaussian_kernels(sigma, 3)  # [B, 7]
+    kh = k.repeat_interleave(3, dim=0).view(b * 3, 1, 1, -1)
+    xb = F.conv2d(F.pad(x.reshape(1, b * 3, s, s), (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
+    xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
+    return xb.view(b, 3, s, s)
+
+
+def _blur(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    b, device = x.shape[0], x.device
     blur = _bern(gen, b, cfg.blur_p, device)
-    if blur.any():
-        sigma = _uniform(gen, b, 0.4, 1.4, device)
-        k = _gaussian_kernels(sigma, 3)  # [B, 7]
-        xb = x.reshape(1, b * 3, s, s)
-        kh = k.repeat_interleave(3, dim=0).view(b * 3, 1, 1, -1)
-        xb = F.conv2d(F.pad(xb, (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
-        xb = F.conv2d(F.pad(xb, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
-        x = torch.where(blur.view(b, 1, 1, 1), xb.view(b, 3, s, s), x)
-    sharpen = _bern(gen, b, cfg.sharpen_p, device)
-    if sharpen.any():
-        k = _gaussian_kernels(torch.full((b,), 1.0, device=device), 3)
-        kh = k.repeat_interleave(3, dim=0).view(b * 3, 1, 1, -1)
-        xs = F.conv2d(F.pad(x.reshape(1, b * 3, s, s), (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
-        xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="replicate"), kh.transpose(2, 3), groups=b * 3)
-        amount = _uniform(gen, b, *cfg.sharpen_amount, device).view(b, 1, 1, 1)
-        sharp = (x + amount * (x - xs.view(b, 3, s, s))).clamp(0, 1)
-        x = torch.where(sharpen.view(b, 1, 1, 1), sharp, x)
-    lowres = _bern(gen, b, cfg.lowres_p, device)
-    if lowres.any():
-        side = int(torch.randint(s // 3, s - s // 8, (1,), generator=gen))
-        small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        up = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
-        x = torch.where(lowres.view(b, 1, 1, 1), up, x)
+    if not blur.any():
+        return x
+    sigma = _uniform(gen, b, 0.4, 1.4, device)
+    return torch.where(blur.view(b, 1, 1, 1), _gaussian_blur(x, sigma), x)
 
-    # Sensor noise.
+
+def _sharpen(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Unsharp masking: photos from good cameras are sharper than the training chips."""
+    b, device = x.shape[0], x.device
+    sharpen = _bern(gen, b, cfg.sharpen_p, device)
+    if not sharpen.any():
+        return x
+    soft = _gaussian_blur(x, torch.full((b,), 1.0, device=device))
+    amount = _uniform(gen, b, *cfg.sharpen_amount, device).view(b, 1, 1, 1)
+    sharp = (x + amount * (x - soft)).clamp(0, 1)
+    return torch.where(sharpen.view(b, 1, 1, 1), sharp, x)
+
+
+def _low_resolution(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Down to a random side, then back up (a small or distant face)."""
+    b, _, s, _ = x.shape
+    lowres = _bern(gen, b, cfg.lowres_p, x.device)
+    if not lowres.any():
+        return x
+    side = int(torch.randint(s // 3, s - s // 8, (1,), generator=gen))
+    small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    up = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
+    return torch.where(lowres.view(b, 1, 1, 1), up, x)
+
+
+def _noise(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Sensor noise."""
+    b, device = x.shape[0], x.device
     noisy = _bern(gen, b, cfg.noise_p, device).view(b, 1, 1, 1)
     std = _uniform(gen, b, 0.0, cfg.noise_std, device).view(b, 1, 1, 1)
     noise = torch.randn(x.shape, generator=gen).to(device) * std
-    x = torch.where(noisy, x + noise, x).clamp(0, 1)
+    return torch.where(noisy, x + noise, x).clamp(0, 1)
 
-    # Occlusion: one grey-ish rectangle (hand, phone, microphone) on some images.
+
+def _occlusion(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """One grey-ish rectangle (hand, phone, microphone) on some images."""
+    (b, _, s, _), device = x.shape, x.device
     erase = _bern(gen, b, cfg.erase_p, device)
-    if erase.any():
-        eh = (_uniform(gen, b, 0.15, 0.4, device) * s).long()
-        ew = (_uniform(gen, b, 0.15, 0.5, device) * s).long()
-        ey = (torch.rand(b, generator=gen).to(device) * (s - eh)).long()
-        ex = (torch.rand(b, generator=gen).to(device) * (s - ew)).long()
-        fill = torch.rand(b, 3, generator=gen).to(device).view(b, 3, 1, 1)
-        yy = torch.arange(s, device=device).view(1, s, 1)
-        xx = torch.arange(s, device=device).view(1, 1, s)
-        mask = (
-            (yy >= ey.view(b, 1, 1))
-            & (yy < (ey + eh).view(b, 1, 1))
-            & (xx >= ex.view(b, 1, 1))
-            & (xx < (ex + ew).view(b, 1, 1))
-            & erase.view(b, 1, 1)
-        ).unsqueeze(1)
-        x = torch.where(mask, fill.expand_as(x), x)
+    if not erase.any():
+        return x
+    eh = (_uniform(gen, b, 0.15, 0.4, device) * s).long()
+    ew = (_uniform(gen, b, 0.15, 0.5, device) * s).long()
+    ey = (torch.rand(b, generator=gen).to(device) * (s - eh)).long()
+    ex = (torch.rand(b, generator=gen).to(device) * (s - ew)).long()
+    fill = torch.rand(b, 3, generator=gen).to(device).view(b, 3, 1, 1)
+    yy = torch.arange(s, device=device).view(1, s, 1)
+    xx = torch.arange(s, device=device).view(1, 1, s)
+    mask = (
+        (yy >= ey.view(b, 1, 1))
+        & (yy < (ey + eh).view(b, 1, 1))
+        & (xx >= ex.view(b, 1, 1))
+        & (xx < (ex + ew).view(b, 1, 1))
+        & erase.view(b, 1, 1)
+    ).unsqueeze(1)
+    return torch.where(mask, fill.expand_as(x), x)
 
-    # Frame edge: zero beyond a random line that cuts off at most ``edge_max`` of the crop from one side.
+
+def _frame_edge(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Zero beyond a random line that cuts off at most ``edge_max`` of the crop from one side."""
+    (b, _, s, _), device = x.shape, x.device
     edge = _bern(gen, b, cfg.edge_p, device)
-    if edge.any():
-        phi = _uniform(gen, b, 0, 2 * math.pi, device)
-        depth = _uniform(gen, b, 1 - 2 * cfg.edge_max, 1.0, device)  # in normalised units, -1..1
-        coords = torch.linspace(-1, 1, s, device=device)
-        proj = torch.cos(phi).view(b, 1, 1) * coords.view(1, 1, s) + torch.sin(phi).view(
-            b, 1, 1
-        ) * coords.view(1, s, 1)
-        outside = (proj > depth.view(b, 1, 1)) & edge.view(b, 1, 1)
-        x = x.masked_fill(outside.unsqueeze(1), 0.0)
-    return x
+    if not edge.any():
+        return x
+    phi = _uniform(gen, b, 0, 2 * math.pi, device)
+    depth = _uniform(gen, b, 1 - 2 * cfg.edge_max, 1.0, device)  # in normalised units, -1..1
+    coords = torch.linspace(-1, 1, s, device=device)
+    proj = torch.cos(phi).view(b, 1, 1) * coords.view(1, 1, s) + torch.sin(phi).view(b, 1, 1) * coords.view(
+        1, s, 1
+    )
+    outside = (proj > depth.view(b, 1, 1)) & edge.view(b, 1, 1)
+    return x.masked_fill(outside.unsqueeze(1), 0.0)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from shared.detectors import FaceDetector
 from shared.detectors.fallback import fallback_stats
+from shared.fsutil import atomic_write
 from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, crop_faces_bgr
 from trainer.data import Catalog, FaceImageDataset
 from trainer.faces import central_face
@@ -83,15 +82,6 @@ def cache_key(
     return h.hexdigest()[:24]
 
 
-def _atomic_save(path: Path, array: npt.NDArray[np.generic]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.npy")
-    with tmp.open("wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def build_or_load(
     catalog: Catalog,
     cache_dir: Path,
@@ -146,8 +136,8 @@ def build_or_load(
             continue
         crop = crop_faces_bgr(image, dets.landmarks[pick : pick + 1], size, margin, template)[0]
         crops[i] = crop.transpose(2, 0, 1)
-    _atomic_save(folder / "crops.npy", crops)
-    _atomic_save(folder / "status.npy", status)
+    atomic_write(folder / "crops.npy", lambda fh: np.save(fh, crops))
+    atomic_write(folder / "status.npy", lambda fh: np.save(fh, status))
     fingerprint = "sha256:" + fp.hexdigest()
     meta = {
         "fingerprint": fingerprint,
@@ -163,9 +153,7 @@ def build_or_load(
         },
         "detector_fallback": stats.snapshot() if (stats := fallback_stats(detector)) else None,
     }
-    tmp = folder / f".meta.{secrets.token_hex(4)}.json"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     log.info(
         "crop cache built: %s %s; detector fallback %s", folder, meta["counts"], meta["detector_fallback"]
     )

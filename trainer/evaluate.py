@@ -31,13 +31,14 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from shared.detectors import DetectorConfig
 from shared.detectors.fallback import FallbackDetector
 from shared.models.artifact import ArtifactError, Classifier, current_dir, load_artifact
 from shared.preprocess import crop_faces_bgr
+from shared.runtime import say, setup_logging
 from trainer.data import MANIFEST, DatasetError, Sample, age_band, load_bgr, read_folder
 from trainer.faces import central_face, make_detector
 from trainer.report import ece, natural_key
+from trainer.settings import VARIANT_NAMES, EvalSettings
 
 log = logging.getLogger("trainer.evaluate")
 
@@ -77,55 +78,12 @@ def colour(image: Image, seed: int = 0) -> Image:
 
 
 #: name -> transform of a BGR photo; "colour" (the photo as it is) comes first and is the reference.
-VARIANTS: dict[str, Any] = {"colour": colour, "grayscale": grayscale, "dark": darken}
+VARIANTS: dict[str, Any] = dict(zip(VARIANT_NAMES, (colour, grayscale, darken), strict=True))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="folder of photos: CLASS/[SOURCE/...]/image")
-    p.add_argument(
-        "--model",
-        type=Path,
-        default=Path("models"),
-        help="artifact directory, or a models directory (its current version is used)",
-    )
-    p.add_argument("--detector", default="cv2-yunet", help="face detector")
-    p.add_argument(
-        "--weights-dir",
-        type=Path,
-        default=None,
-        help="detector weights folder (default: $GENDERLENS_WEIGHTS_DIR or ../shared/weights/yunet)",
-    )
-    p.add_argument(
-        "--score-threshold",
-        type=float,
-        default=None,
-        help="detector score threshold (default: the detector's, 0.6)",
-    )
-    p.add_argument(
-        "--max-side",
-        type=int,
-        default=DetectorConfig.max_side,
-        help="downscale photos to this long side before detection (the worker's default)",
-    )
-    p.add_argument(
-        "--fallback-sides",
-        default=",".join(str(v) for v in DetectorConfig.fallback_sides),
-        help="when no face is found, retry at these smaller long sides (comma-separated; '' = none)",
-    )
-    p.add_argument(
-        "--variants",
-        default=",".join(VARIANTS),
-        help=f"copies of every photo to evaluate, comma-separated, from {', '.join(VARIANTS)} "
-        "(grayscale and dark are proxies for unseen photos)",
-    )
-    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--device", default="cpu", help="classifier device")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N photos (0 = all)")
-
-
-def _say(message: str) -> None:
-    sys.stdout.write(message + "\n")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags (generated from :class:`~trainer.settings.EvalSettings`)."""
+    EvalSettings.add_arguments(parser)
 
 
 def resolve_model(path: Path) -> Path:
@@ -351,29 +309,28 @@ def _parse_sides(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    settings = EvalSettings.from_args("eval", args)
+    setup_logging(settings.log_level, replace=False)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    variants = tuple(v.strip() for v in settings.variants.split(",") if v.strip())
     if not variants or any(v not in VARIANTS for v in variants):
         sys.stderr.write(f"error: --variants takes a list from {', '.join(VARIANTS)}\n")
         return 2
     variants = tuple(v for v in VARIANTS if v in variants)  # colour first: the reference
     try:
-        clf = load_artifact(resolve_model(args.model), args.device)
-        samples = read_eval_samples(args.data)
+        clf = load_artifact(resolve_model(settings.model), settings.device)
+        samples = read_eval_samples(settings.data)
     except (ArtifactError, DatasetError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    if args.limit:
-        samples = samples[: args.limit]
-    from shared.settings import ModelPathsMixin
-
-    weights_dir = args.weights_dir or ModelPathsMixin().weights_dir
-    sides = _parse_sides(args.fallback_sides)
+    if settings.limit:
+        samples = samples[: settings.limit]
+    sides = _parse_sides(settings.fallback_sides)
     try:
-        detector = make_detector(args.detector, weights_dir, args.score_threshold, args.max_side, sides)
+        detector = make_detector(
+            settings.detector, settings.weights_dir, settings.score_threshold, settings.max_side, sides
+        )
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
@@ -383,24 +340,40 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     detection = {
-        "detector": args.detector,
-        "max_side": args.max_side,
+        "detector": settings.detector,
+        "max_side": settings.max_side,
         "fallback_sides": list(sides),
         "fallback": fallback,
     }
     result = results_json(outcomes, seconds, clf, detection)
-    first = variants[0]
+    say("\n".join(_report_lines(settings, result, clf, variants, fallback)))
+    if settings.json_out is not None:
+        settings.json_out.parent.mkdir(parents=True, exist_ok=True)
+        settings.json_out.write_text(json.dumps(result, indent=2) + "\n")
+        say(f"wrote {settings.json_out}")
+    return 0
+
+
+def _report_lines(
+    settings: EvalSettings,
+    result: dict[str, Any],
+    clf: Classifier,
+    variants: tuple[str, ...],
+    fallback: dict[str, dict[str, int]],
+) -> list[str]:
+    """What ``genderlens eval`` prints: the colour photos' figures and tables, then the proxies."""
+    first, sides = variants[0], "/".join(map(str, result["detection"]["fallback_sides"]))
     fired = fallback[first]
     lines = [
-        f"model {clf.meta.dirname} ({clf.meta.arch}), detector {args.detector} "
-        f"(long side {args.max_side}, fallback {'/'.join(map(str, sides)) or 'off'}), data {args.data}",
+        f"model {clf.meta.dirname} ({clf.meta.arch}), detector {settings.detector} "
+        f"(long side {settings.max_side}, fallback {sides or 'off'}), data {settings.data}",
         f"images {result['images']}   faces found {100 * result['face_found_rate']:.2f}%   "
         f"accuracy {100 * result['accuracy']:.2f}%   {result['images_per_second']:.1f} images/s"
         + (f" ({len(variants)} copies each)" if len(variants) > 1 else ""),
         f"calibration on faces found: ECE {result['ece']:.4f}; below the uncertain threshold "
         f"{clf.meta.uncertain_threshold:.2f}: {100 * result['uncertain_rate']:.1f}%",
         f"detection fallback ({first}): ran on {fired['retried']} photos with no face at "
-        f"{args.max_side}, found a face in {fired['recovered']}",
+        f"{settings.max_side}, found a face in {fired['recovered']}",
     ]
     for title, key in (
         ("per source", "per_source"),
@@ -419,9 +392,4 @@ def run(args: argparse.Namespace) -> int:
                 f"{100 * v['accuracy']:6.2f}% (gap {100 * g['accuracy']:+.2f} points; {per_class})  "
                 f"ECE {v['ece']:.4f}  fallback found {fallback[name]['recovered']}"
             )
-    _say("\n".join(lines))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        _say(f"wrote {args.json}")
-    return 0
+    return lines

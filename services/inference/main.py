@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.inference.settings import InferenceSettings
+from shared.device import resolve_device
 from shared.runtime import default_consumer_name, install_stop_handlers, setup_logging, start_metrics_server
 
 if TYPE_CHECKING:
@@ -70,16 +71,6 @@ def check_health(settings: InferenceSettings) -> int:
     return 0
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"genderlens infer: --device {device} asked for, but no CUDA device is available")
-    return device
-
-
 def build_worker(settings: InferenceSettings, stop: threading.Event) -> tuple[Worker, ModelManager]:
     """Build the detector, model manager, pipeline and worker (also used by bench and tests)."""
     import torch
@@ -91,7 +82,7 @@ def build_worker(settings: InferenceSettings, stop: threading.Event) -> tuple[Wo
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    device = resolve_device(settings.device)
+    device = str(resolve_device(settings.device, "genderlens infer"))
     detector = create(
         settings.detector,
         DetectorConfig(

@@ -116,46 +116,6 @@ def gendernet(num_classes: int, width: int = 32, dropout: float = 0.2, flip_tta:
     return GenderNet(num_classes, width=width, dropout=dropout, flip_tta=flip_tta)
 
 
-class GenderNetEnsemble(nn.Module):
-    """Several GenderNets trained apart (other seeds / augmentations), their logits averaged: steadier on
-    photos unlike the training data, at ``members`` times the compute. ``trainer.ensemble`` builds one
-    from published artifacts."""
-
-    def __init__(
-        self,
-        num_classes: int,
-        members: int = 2,
-        width: int = 32,
-        dropout: float = 0.2,
-        flip_tta: bool = False,
-    ) -> None:
-        super().__init__()
-        if members < 1:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(
-            GenderNet(num_classes, width=width, dropout=dropout, flip_tta=flip_tta) for _ in range(members)
-        )
-
-    @property
-    def flip_tta(self) -> bool:
-        return all(bool(m.flip_tta) for m in self.members)
-
-    @flip_tta.setter
-    def flip_tta(self, value: bool) -> None:
-        for m in self.members:
-            setattr(m, "flip_tta", value)  # noqa: B010 (members are GenderNets)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(dim=0)
-
-
-@register_arch("gendernet_ensemble", limits={"members": (1, 16), "width": (4, 256), "dropout": (0.0, 1.0)})
-def gendernet_ensemble(
-    num_classes: int, members: int = 2, width: int = 32, dropout: float = 0.2, flip_tta: bool = False
-) -> nn.Module:
-    return GenderNetEnsemble(num_classes, members=members, width=width, dropout=dropout, flip_tta=flip_tta)
-
-
 @register_arch("dlib_resnet")
 def dlib_resnet(
     num_classes: int,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -31,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from shared.fsutil import atomic_write, fsync_dir, write_synced
 from shared.models.archs import ARCH_LIMITS, ARCHITECTURES, MAX_PARAMETERS, build_model
 from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, TEMPLATES, normalize
 from shared.schema import MAX_CLASSES
@@ -100,21 +100,6 @@ def new_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "." + secrets.token_hex(2)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_artifact_dir(
     target: Path, model: nn.Module, meta: ModelMeta, extra_files: Mapping[str, bytes] | None = None
 ) -> None:
@@ -126,21 +111,19 @@ def write_artifact_dir(
         if "/" in fname or fname.startswith(".") or fname in (WEIGHTS_FILE, META_FILE):
             raise ValueError(f"invalid extra artifact file name {fname!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_file(target / WEIGHTS_FILE, st_save(state, metadata={"format": str(ARTIFACT_FORMAT)}))
+    write_synced(target / WEIGHTS_FILE, st_save(state, metadata={"format": str(ARTIFACT_FORMAT)}))
     for fname, data in (extra_files or {}).items():
-        _write_file(target / fname, data)
-    _write_file(target / META_FILE, meta.model_dump_json(indent=2).encode())
-    _fsync_dir(target)
+        write_synced(target / fname, data)
+    write_synced(target / META_FILE, meta.model_dump_json(indent=2).encode())
+    fsync_dir(target)
 
 
 def set_current(models_dir: Path, dirname: str) -> None:
     """Atomically point ``current`` at ``dirname`` (which must hold a complete artifact)."""
     if not (models_dir / dirname / META_FILE).is_file():
         raise ArtifactError(f"{models_dir / dirname} is not a model artifact")
-    tmp = models_dir / f".{CURRENT_FILE}.{secrets.token_hex(4)}"
-    _write_file(tmp, (dirname + "\n").encode())
-    tmp.replace(models_dir / CURRENT_FILE)
-    _fsync_dir(models_dir)
+    atomic_write(models_dir / CURRENT_FILE, (dirname + "\n").encode())
+    fsync_dir(models_dir)
 
 
 def publish(
@@ -161,7 +144,7 @@ def publish(
     try:
         write_artifact_dir(tmp, model, meta, extra_files)
         tmp.rename(final)
-        _fsync_dir(models_dir)
+        fsync_dir(models_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""Classifier speed on this machine: ``python -m trainer.benchmark [--model models] [--threads N]``.
+"""Classifier speed on this machine: ``python -m tools.bench_classifier [--model models] [--threads N]``.
 
 Times ``Classifier.predict`` (normalisation included, as the worker calls it) on uint8 crops at batch 32
 (crops/s) and batch 1 (latency, median and p95), after a warm-up.
@@ -49,7 +49,7 @@ def bench(model: Path, seconds: float = 3.0, device: str = "cpu") -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.benchmark", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench_classifier", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=Path("models"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seconds", type=float, default=3.0)
