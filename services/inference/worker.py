@@ -442,8 +442,9 @@ class Worker:
         its oldest frames (those least likely to make the budget) while its fresh ones wait behind.
         While a camera's read came back full, read it on, without waiting: the batch is then chosen
         (``_choose``) from every camera's newest frames, and the older ones are dropped in ``handle``
-        without being decoded. Every frame is delivered once either way, so this costs round trips,
-        not transfers; a worker that keeps up never has a full read to follow."""
+        without being decoded. Each frame is delivered once either way, so this costs round trips
+        rather than transfers (beyond frames the stream's cap would have trimmed unread); a worker
+        that keeps up has no backlog, so it rarely has a full read to follow."""
         count = self.settings.batch_size
         in_hand: dict[str, int] = defaultdict(int)
         for entry in entries:
