@@ -557,15 +557,7 @@ class Worker:
                 elif stream_id_age_ms(entry.entry_id, done_at) > self.settings.staleness_ms:
                     # Ready, but too late to be shown as live: the budget holds at publish too, so a
                     # slow batch never puts an old picture on the wall.
-                    self.accounting.settle(
-                        pipe,
-                        entry.stream,
-                        entry.camera_id,
-                        entry.entry_id,
-                        C.STAT_DROPPED_STALE,
-                        also=C.STAT_DROPPED_STALE_PUBLISH,
-                    )
-                    settles.append((entry, C.STAT_DROPPED_STALE_PUBLISH))
+                    settles.append((entry, self._drop_stale(pipe, entry, C.STAT_DROPPED_STALE_PUBLISH)))
                 else:
                     settles.append((entry, self._publish_result(pipe, entry, frame, out, model, read_at)))
         self._count_settled(settles, pipe.execute(raise_on_error=False))
@@ -591,10 +583,7 @@ class Worker:
                 continue
             if stream_id_age_ms(entry.entry_id, read_at) > self.settings.staleness_ms:
                 # Nobody will see a result this late: do not spend compute on it.
-                self.accounting.settle(
-                    pipe, entry.stream, entry.camera_id, entry.entry_id, C.STAT_DROPPED_STALE
-                )
-                settles.append((entry, C.STAT_DROPPED_STALE))
+                settles.append((entry, self._drop_stale(pipe, entry)))
                 continue
             fresh.append((entry, checked))
         good = self._choose(fresh, read_at)
@@ -602,16 +591,16 @@ class Worker:
         for entry, _ in fresh:
             if id(entry) not in chosen:
                 # Fresh now, stale by the time its batch would be done: its compute goes to newer frames.
-                self.accounting.settle(
-                    pipe,
-                    entry.stream,
-                    entry.camera_id,
-                    entry.entry_id,
-                    C.STAT_DROPPED_STALE,
-                    also=C.STAT_DROPPED_STALE_PREDICTED,
-                )
-                settles.append((entry, C.STAT_DROPPED_STALE_PREDICTED))
+                settles.append((entry, self._drop_stale(pipe, entry, C.STAT_DROPPED_STALE_PREDICTED)))
         return good
+
+    def _drop_stale(self, pipe: Any, entry: Entry, part: str = "") -> str:
+        """Queue the settle that drops ``entry`` as ``dropped_stale`` (counting ``part``, the
+        breakdown saying why, beside it); returns what ``_count_settled`` expects."""
+        self.accounting.settle(
+            pipe, entry.stream, entry.camera_id, entry.entry_id, C.STAT_DROPPED_STALE, also=part
+        )
+        return part or C.STAT_DROPPED_STALE
 
     def _choose(self, fresh: list[tuple[Entry, Frame]], now: float) -> list[tuple[Entry, Frame]]:
         """The frames of ``fresh`` expected to make the budget when processed together, in their
