@@ -53,8 +53,11 @@ STAT_FIELDS: Final = (
 #: Of ``dropped_stale``, those whose result was ready but already older than the staleness budget
 #: (dropped at publish rather than at read): a breakdown, outside the accounting equation.
 STAT_DROPPED_STALE_PUBLISH: Final = "dropped_stale_publish"
-#: Counters kept beside the equation's: never-published frames, and the breakdown above.
-STAT_EXTRA_FIELDS: Final = (STAT_PUBLISH_FAILED, STAT_DROPPED_STALE_PUBLISH)
+#: Of ``dropped_stale``, those dropped at read while still within the budget, because their age plus
+#: the batch's expected processing time was over it (an overloaded worker): a breakdown too.
+STAT_DROPPED_STALE_PREDICTED: Final = "dropped_stale_predicted"
+#: Counters kept beside the equation's: never-published frames, and the breakdowns above.
+STAT_EXTRA_FIELDS: Final = (STAT_PUBLISH_FAILED, STAT_DROPPED_STALE_PUBLISH, STAT_DROPPED_STALE_PREDICTED)
 
 #: Worker heartbeat keys (``worker_key``) expire after this many seconds without a refresh.
 WORKER_HEARTBEAT_TTL_S: Final = 10

@@ -302,3 +302,24 @@ def test_a_model_event_wakes_the_model_manager(server: RedisServer, tmp_path: Pa
     worker.models._wake.clear()
     worker._poll_model_events()  # the same event is not seen twice
     assert not worker.models._wake.is_set()
+
+
+def test_a_slow_spell_never_stops_an_overload_aware_worker_for_good(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The worker drops at read the frames it expects to miss the staleness budget, from the time
+    recent batches took. One very slow batch (a stall, a swap) must not make it expect every frame to
+    miss, and so never process (nor measure) again: the estimate is bounded to half the budget per
+    frame, a fresh frame is always tried, and fast batches bring the estimate back down."""
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    acc = _register(client)
+    worker = _worker(server, tmp_path, StubPipeline(), staleness_ms=1000)
+    worker._refresh_cameras()
+    worker.expected.observe(1, 60.0)  # a batch of one took a minute
+    assert worker.expected.per_frame_ms() == 500
+    for i in range(20):
+        acc.publish(CAM, _fields(_frame(seq=i)), 100)
+        worker._step()
+    stats = read_stats(client, CAM)
+    assert stats[C.STAT_PROCESSED] == 20 and stats[C.STAT_DROPPED_STALE] == 0, stats
+    assert worker.expected.per_frame_ms() < 50  # back down (the stub is instant)

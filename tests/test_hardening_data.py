@@ -638,3 +638,127 @@ def test_9_capture_keeps_its_frames_within_the_pixel_bound(tmp_path: Path) -> No
         assert back.width * back.height <= MAX_PIXELS
         assert abs(back.width / back.height - width / height) < 0.01
     assert (back.width, back.height) == (1280, 720)
+
+
+# == item 14, under overload: compute for the frames that can still make the budget ===================
+class PerFramePipeline:
+    """The real pipeline, taking ``per_frame_s`` longer per frame (a slow model on a busy CPU: a batch
+    costs what its frames cost), and counting the frames it is given."""
+
+    def __init__(self, inner: Any, per_frame_s: float) -> None:
+        self.inner, self.per_frame_s = inner, per_frame_s
+        self.frames = 0
+
+    def process(self, jpegs: list[bytes], classifier: Any, threshold: Any) -> Any:
+        self.frames += len(jpegs)
+        time.sleep(self.per_frame_s * len(jpegs))
+        return self.inner.process(jpegs, classifier, threshold)
+
+
+def _slow_worker(server: RedisServer, tmp_path: Path, **overrides: Any) -> tuple[Worker, PerFramePipeline]:
+    """A real worker whose pipeline takes 0.3 s per frame, under a 2 s budget."""
+    worker = real_worker(server, tmp_path, staleness_ms=2000, **overrides)
+    slow = PerFramePipeline(worker.pipeline, 0.3)
+    worker.pipeline = slow  # type: ignore[assignment]
+    return worker, slow
+
+
+def _results(client: redis.Redis, camera_id: str) -> list[Result]:
+    return [Result.from_fields(f) for _, f in client.xrange(C.results_stream(camera_id))]
+
+
+def _check_equation(stats: dict[str, int]) -> None:
+    assert unaccounted(stats) == 0, stats
+    assert (
+        stats[C.STAT_DROPPED_STALE_PUBLISH] + stats[C.STAT_DROPPED_STALE_PREDICTED]
+        <= stats[C.STAT_DROPPED_STALE]
+    ), stats
+
+
+def test_14_an_overloaded_worker_drops_the_hopeless_frames_at_read_and_publishes_the_newest(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """With the budget enforced at publish, a contended run (4 cameras at 15 fps on 2 workers) put 3-6
+    of 1,200 frames on the wall: a worker read the oldest pending frames, spent its compute on frames
+    already close to the budget, finished them past it and dropped them all at publish. Now it
+    expects a batch to take what recent ones took per frame and processes a camera's newest frames
+    first; the older ones, which could not make it, are dropped at read (``dropped_stale_predicted``).
+    Here: 8 frames 0.2 s apart, read in one go, 0.3 s per frame, a 2 s budget. Before: all 8 processed
+    (2.4 s), all 8 dropped at publish, nothing on the wall."""
+    client = client_for(server)
+    register(client, "cam")
+    acc = Accounting(client)
+    worker, slow = _slow_worker(server, tmp_path, batch_size=8)
+    acc.publish("cam", frame_fields("cam", 0, jpeg(), 64, 48), 100)
+    worker._step()  # a live frame first: the worker has measured its pace, as a running one has
+    assert read_stats(client, "cam")[C.STAT_PROCESSED] == 1
+    for seq in range(1, 9):  # then a backlog (the worker was busy): 1.4 s to 0 s old when read
+        if seq > 1:
+            time.sleep(0.2)
+        acc.publish("cam", frame_fields("cam", seq, jpeg(shade=seq), 64, 48), 100)
+    slow.frames = 0
+    worker._step()
+    stats = read_stats(client, "cam")
+    backlog = [r.seq for r in _results(client, "cam") if r.seq > 0]
+    assert stats[C.STAT_PROCESSED] >= 2 and 8 in backlog, (stats, backlog)
+    # Frames 1-4 cannot make it even in a batch of their own tail (0.8 s old + 5 frames x 0.3 s):
+    # dropped at read, never decoded; the compute went to the newest frames only.
+    assert set(backlog) <= {5, 6, 7, 8} and slow.frames <= 4, (backlog, slow.frames)
+    assert stats[C.STAT_DROPPED_STALE_PREDICTED] >= 4, stats
+    assert stats[C.STAT_PROCESSED] + stats[C.STAT_DROPPED_STALE] == 9, stats
+    _check_equation(stats)
+
+
+def test_14_an_overloaded_worker_reads_past_a_backlog_and_serves_every_camera(
+    server7: RedisServer, tmp_path: Path
+) -> None:
+    """XREADGROUP hands out a stream's oldest entries first (COUNT per stream). A camera with a
+    backlog used to get only its oldest frames into the batch (processed, then dropped at publish)
+    while its fresh ones waited behind them. Now the worker reads on past the frames that cannot make
+    the budget and chooses each camera's newest frame before any camera's second: every camera gets
+    its newest frame on the wall, and nothing else is computed."""
+    client = client_for(server7)
+    for cam in ("a", "b", "c"):
+        register(client, cam)
+    acc = Accounting(client)
+    worker, slow = _slow_worker(server7, tmp_path, batch_size=4)
+    acc.publish("b", frame_fields("b", 0, jpeg(), 64, 48), 100)
+    worker._step()  # learns its pace
+    assert read_stats(client, "b")[C.STAT_PROCESSED] == 1
+    for seq in range(10):  # camera a: 10 frames 0.25 s apart (the oldest already past the budget)
+        if seq:
+            time.sleep(0.25)
+        acc.publish("a", frame_fields("a", seq, jpeg(shade=seq), 64, 48), 100)
+    acc.publish("b", frame_fields("b", 1, jpeg(), 64, 48), 100)
+    acc.publish("c", frame_fields("c", 0, jpeg(), 64, 48), 100)
+    slow.frames = 0
+    worker._step()
+    served = {cam: [r.seq for r in _results(client, cam)] for cam in ("a", "b", "c")}
+    assert served == {"a": [9], "b": [0, 1], "c": [0]}, served
+    assert slow.frames == 3, slow.frames
+    stats = read_stats(client, "a")
+    assert stats[C.STAT_DROPPED_STALE] == 9 and stats[C.STAT_DROPPED_STALE_PREDICTED] >= 1, stats
+    for cam in ("a", "b", "c"):
+        _check_equation(read_stats(client, cam))
+    with TestClient(create_app(viewer_settings(server7.url))) as viewer:
+        wait_until(lambda: camera(viewer, "a"), 15, what="camera known to the viewer")
+        row = viewer.get("/api/stats").json()["cameras"]["a"]
+        assert row["dropped_stale_predicted"] == stats[C.STAT_DROPPED_STALE_PREDICTED] >= 1, row
+
+
+def test_14_a_worker_that_keeps_up_drops_nothing(server7: RedisServer, tmp_path: Path) -> None:
+    """The other side of the above: one camera at 15 fps on an idle worker, every frame processed,
+    none dropped by the expected-time check (nor by any other), under the default 500 ms budget."""
+    client = client_for(server7)
+    register(client, "cam")
+    acc = Accounting(client)
+    worker = real_worker(server7, tmp_path, staleness_ms=500)
+    with Running(worker):
+        started = time.monotonic()
+        for seq in range(45):  # 3 s at 15 fps
+            time.sleep(max(0.0, started + seq / 15 - time.monotonic()))
+            acc.publish("cam", frame_fields("cam", seq, jpeg(), 64, 48), 100)
+        wait_until(lambda: unaccounted(read_stats(client, "cam")) == 0, 30, what="all settled")
+    stats = read_stats(client, "cam")
+    assert stats[C.STAT_PROCESSED] == 45 and stats[C.STAT_DROPPED_STALE] == 0, stats
+    assert stats[C.STAT_DROPPED_STALE_PREDICTED] == 0, stats

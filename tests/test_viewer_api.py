@@ -254,6 +254,7 @@ def test_stats_pending_workers_and_refused_model(rdb: redis.Redis) -> None:
             "dead_lettered": 0,
             "publish_failed": 0,
             "dropped_stale_publish": 0,
+            "dropped_stale_predicted": 0,
             "pending": 2,
         }
         assert [w["name"] for w in stats["workers"]] == ["w1"]

@@ -18,6 +18,13 @@ before anything decodes it, whatever its age. A result that is ready but already
 staleness budget is dropped too (counted ``dropped_stale``, and ``dropped_stale_publish`` beside it):
 nobody would see it in time.
 
+Under overload the compute goes to frames that can still make the budget (live video degrades to fewer,
+fresh results, not to none): the worker reads past a camera's backlog (``_catch_up``), expects a batch
+to take what recent ones took per frame (:class:`BatchTime`), and chooses each camera's newest frames
+first, the cameras in turn (``_choose``); a frame whose age plus that expected time is over the budget
+is dropped at read (``dropped_stale``, with ``dropped_stale_predicted`` beside it). The publish-time
+check stays as the last guard.
+
 One camera's bad state stays that camera's problem: an error that belongs to one stream (a key of the
 wrong type where its frames stream belongs, say) sets that stream aside (``shared.streams.Quarantine``,
 retried on its own backoff, reported once as an event and on ``genderlens_worker_camera_isolated``)
@@ -91,6 +98,19 @@ STALE_AT_PUBLISH = Counter(
     "Results ready but older than the staleness budget, dropped (a part of outcome=dropped_stale)",
     ["camera"],
 )
+STALE_PREDICTED = Counter(
+    "genderlens_worker_dropped_stale_predicted_total",
+    "Frames dropped at read because their age plus the batch's expected processing time was over the "
+    "staleness budget (a part of outcome=dropped_stale)",
+    ["camera"],
+)
+EXPECTED_FRAME = Gauge(
+    "genderlens_worker_expected_frame_seconds",
+    "Processing time per frame the worker plans its batches with (moving average plus deviation)",
+)
+#: At most this many extra reads per batch to get past a camera's backlog (``Worker._catch_up``): with
+#: ``batch_size`` 8 that is 128 frames per camera, more than a capped frames stream holds by default.
+MAX_CATCH_UP_READS = 16
 CAMERA_ERRORS = Counter(
     "genderlens_worker_camera_errors_total", "Errors of one camera's own keys (wrong type...)", ["camera"]
 )
@@ -133,6 +153,45 @@ class Entry:
     entry_id: bytes
     fields: dict[bytes, bytes]
     deliveries: int = 1
+
+
+class BatchTime:
+    """How long the pipeline is expected to take on a batch: the number of frames times a per-frame
+    estimate kept as TCP keeps its round-trip estimate (RFC 6298): a moving average of the measured
+    time per frame plus the moving average of its deviation, so that a jittery (contended) machine is
+    planned for its slower batches rather than its average one.
+
+    Bounded both ways. Before the first batch it assumes ``START_MS`` per frame, a fast CPU
+    pipeline: optimistic on purpose, since a guess too low costs no more than the publish-time check
+    already catches, while one too high would drop frames a fast worker could have shown; still, a
+    worker that starts into a backlog does not take all of it into its first batch. And it never
+    expects more than half the budget per frame, so that a fresh frame is always tried: the worker
+    keeps measuring, and one slow batch (a stall, a swap) can never make it drop everything for good."""
+
+    START_MS = 20.0  #: per frame, until the first batch is measured
+    ALPHA = 0.25  #: weight of a new sample in the mean (RFC 6298's 1/8 is slower than a load changes)
+    BETA = 0.25  #: weight of a new sample in the deviation
+
+    def __init__(self, budget_ms: float) -> None:
+        self.cap_ms = budget_ms / 2
+        self.start_ms = min(self.START_MS, self.cap_ms)
+        self.mean_ms: float | None = None
+        self.dev_ms = 0.0
+
+    def per_frame_ms(self) -> float:
+        if self.mean_ms is None:
+            return self.start_ms
+        return min(self.mean_ms + self.dev_ms, self.cap_ms)
+
+    def observe(self, frames: int, seconds: float) -> None:
+        """A batch of ``frames`` frames took ``seconds`` in the pipeline."""
+        sample = min(1000 * seconds / max(frames, 1), self.cap_ms)
+        if self.mean_ms is None:
+            self.mean_ms, self.dev_ms = sample, sample / 2
+        else:
+            self.dev_ms += self.BETA * (abs(sample - self.mean_ms) - self.dev_ms)
+            self.mean_ms += self.ALPHA * (sample - self.mean_ms)
+        EXPECTED_FRAME.set(self.per_frame_ms() / 1000)
 
 
 class WorkerObserver(Protocol):
@@ -183,6 +242,9 @@ class Worker:
         self._health = Path(settings.health_file) if settings.health_file else None
         #: Optional timing hooks (see :class:`WorkerObserver`); None = nothing is reported.
         self.observer = observer
+        #: What a batch is expected to take: frames that could not make the budget are not processed.
+        self.expected = BatchTime(settings.staleness_ms)
+        self._served: dict[str, float] = {}  # camera -> when a frame of it was last chosen (monotonic)
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -257,6 +319,8 @@ class Worker:
                 if not more:
                     break
                 entries.extend(more)
+        if entries and not self.stop.is_set():
+            self._catch_up(entries)
         if entries:
             # Even if stop was set meanwhile: these are delivered to us, so finish and ack them.
             self.handle(entries)
@@ -342,7 +406,9 @@ class Worker:
             except ResponseError as exc:
                 self._stream_error(stream, camera_id, exc)
 
-    def _read(self, count: int, block_ms: int) -> list[Entry]:
+    def _read(self, count: int, block_ms: int | None, streams: Sequence[str] | None = None) -> list[Entry]:
+        """XREADGROUP of up to ``count`` new entries per stream (all ours, or ``streams``); ``block_ms``
+        None: do not wait."""
         if not self._streams:
             return []
         started = time.time()
@@ -350,7 +416,7 @@ class Worker:
             reply: Any = self.client.xreadgroup(
                 C.INFERENCE_GROUP,
                 self.name,
-                dict.fromkeys(self._streams, ">"),
+                dict.fromkeys(self._streams if streams is None else streams, ">"),
                 count=count,
                 block=block_ms,
             )
@@ -369,6 +435,31 @@ class Worker:
         if entries and self.observer is not None:
             self.observer.on_read(entries, started, time.time())
         return entries
+
+    def _catch_up(self, entries: list[Entry]) -> None:
+        """Read past a backlog, into ``entries``. XREADGROUP hands out each stream's oldest entries
+        first, at most ``batch_size`` per stream, so after a slow batch a camera's read can hold only
+        its oldest frames (those least likely to make the budget) while its fresh ones wait behind.
+        While a camera's read came back full, read it on, without waiting: the batch is then chosen
+        (``_choose``) from every camera's newest frames, and the older ones are dropped in ``handle``
+        without being decoded. Each frame is delivered once either way, so this costs round trips
+        rather than transfers (beyond frames the stream's cap would have trimmed unread); a worker
+        that keeps up has no backlog, so it rarely has a full read to follow."""
+        count = self.settings.batch_size
+        in_hand: dict[str, int] = defaultdict(int)
+        for entry in entries:
+            in_hand[entry.stream] += 1
+        behind = [stream for stream, n in in_hand.items() if n >= count]
+        for _ in range(MAX_CATCH_UP_READS):
+            behind = [stream for stream in behind if stream in self._streams]
+            if not behind or self.stop.is_set():
+                return
+            more = self._read(count, None, behind)
+            got: dict[str, int] = defaultdict(int)
+            for entry in more:
+                got[entry.stream] += 1
+            entries.extend(more)
+            behind = [stream for stream in behind if got[stream] >= count]
 
     def _claim(self) -> list[Entry]:
         """Take over entries idle longer than claim_idle_ms (their worker died or hung)."""
@@ -440,24 +531,7 @@ class Worker:
         read_at = time.time()
         pipe = self.client.pipeline(transaction=False)
         settles: list[tuple[Entry, str]] = []  # in the pipeline's order, to read its replies back
-        good: list[tuple[Entry, Frame]] = []
-        for entry in entries:
-            if entry.deliveries > self.settings.max_deliveries:
-                reason = f"gave up after {entry.deliveries - 1} deliveries"
-                settles.append((entry, self._dead_letter(pipe, entry, reason)))
-                continue
-            checked = validate(entry.fields, entry.camera_id)
-            if isinstance(checked, str):
-                settles.append((entry, self._dead_letter(pipe, entry, checked)))
-                continue
-            if stream_id_age_ms(entry.entry_id, read_at) > self.settings.staleness_ms:
-                # Nobody will see a result this late: do not spend compute on it.
-                self.accounting.settle(
-                    pipe, entry.stream, entry.camera_id, entry.entry_id, C.STAT_DROPPED_STALE
-                )
-                settles.append((entry, C.STAT_DROPPED_STALE))
-                continue
-            good.append((entry, checked))
+        good = self._sort_out(entries, pipe, settles, read_at)
         classifier = self.models.current  # read once: a swap takes effect between batches
         MODEL_INFO.set(1 if classifier else 0)
         if good:
@@ -465,6 +539,7 @@ class Worker:
             before = time.perf_counter()
             outputs = self._process(good, classifier)
             pipeline_s = time.perf_counter() - before
+            self.expected.observe(len(good), pipeline_s)
             model = (
                 ModelRef(
                     classifier.meta.name,
@@ -482,20 +557,79 @@ class Worker:
                 elif stream_id_age_ms(entry.entry_id, done_at) > self.settings.staleness_ms:
                     # Ready, but too late to be shown as live: the budget holds at publish too, so a
                     # slow batch never puts an old picture on the wall.
-                    self.accounting.settle(
-                        pipe,
-                        entry.stream,
-                        entry.camera_id,
-                        entry.entry_id,
-                        C.STAT_DROPPED_STALE,
-                        also=C.STAT_DROPPED_STALE_PUBLISH,
-                    )
-                    settles.append((entry, C.STAT_DROPPED_STALE_PUBLISH))
+                    settles.append((entry, self._drop_stale(pipe, entry, C.STAT_DROPPED_STALE_PUBLISH)))
                 else:
                     settles.append((entry, self._publish_result(pipe, entry, frame, out, model, read_at)))
         self._count_settled(settles, pipe.execute(raise_on_error=False))
         if self.observer is not None:
             self.observer.on_handled(len(entries), time.perf_counter() - started, pipeline_s)
+
+    def _sort_out(
+        self, entries: list[Entry], pipe: Any, settles: list[tuple[Entry, str]], read_at: float
+    ) -> list[tuple[Entry, Frame]]:
+        """The frames to process; the others are settled on ``pipe`` (and noted in ``settles``):
+        malformed or given up on -> dead letter; older than the budget -> ``dropped_stale``; within
+        it, but not expected to make it in this batch (``_choose``) -> ``dropped_stale`` with
+        ``dropped_stale_predicted``. No frame dropped here is decoded."""
+        fresh: list[tuple[Entry, Frame]] = []
+        for entry in entries:
+            if entry.deliveries > self.settings.max_deliveries:
+                reason = f"gave up after {entry.deliveries - 1} deliveries"
+                settles.append((entry, self._dead_letter(pipe, entry, reason)))
+                continue
+            checked = validate(entry.fields, entry.camera_id)
+            if isinstance(checked, str):
+                settles.append((entry, self._dead_letter(pipe, entry, checked)))
+                continue
+            if stream_id_age_ms(entry.entry_id, read_at) > self.settings.staleness_ms:
+                # Nobody will see a result this late: do not spend compute on it.
+                settles.append((entry, self._drop_stale(pipe, entry)))
+                continue
+            fresh.append((entry, checked))
+        good = self._choose(fresh, read_at)
+        chosen = {id(entry) for entry, _ in good}
+        for entry, _ in fresh:
+            if id(entry) not in chosen:
+                # Fresh now, stale by the time its batch would be done: its compute goes to newer frames.
+                settles.append((entry, self._drop_stale(pipe, entry, C.STAT_DROPPED_STALE_PREDICTED)))
+        return good
+
+    def _drop_stale(self, pipe: Any, entry: Entry, part: str = "") -> str:
+        """Queue the settle that drops ``entry`` as ``dropped_stale`` (counting ``part``, the
+        breakdown saying why, beside it); returns what ``_count_settled`` expects."""
+        self.accounting.settle(
+            pipe, entry.stream, entry.camera_id, entry.entry_id, C.STAT_DROPPED_STALE, also=part
+        )
+        return part or C.STAT_DROPPED_STALE
+
+    def _choose(self, fresh: list[tuple[Entry, Frame]], now: float) -> list[tuple[Entry, Frame]]:
+        """The frames of ``fresh`` expected to make the budget when processed together, in their
+        read order. Taken greedily: each camera's newest frame, the cameras in turn (the one this
+        worker served least recently first, so that when not all fit the same ones do not always
+        win), then each camera's second newest, and so on; a frame goes in if, with it, the oldest
+        frame chosen plus the expected time of the larger batch is still within the budget. So under
+        overload the older frames of a camera's backlog go first, and when the worker keeps up (every
+        frame fits) nothing is dropped."""
+        per_frame = self.expected.per_frame_ms()
+        queues: dict[str, list[tuple[float, int]]] = defaultdict(list)  # camera -> (age, index)
+        for i, (entry, _) in enumerate(fresh):
+            queues[entry.camera_id].append((stream_id_age_ms(entry.entry_id, now), i))
+        for queue in queues.values():
+            queue.sort()  # newest first
+        cameras = sorted(queues, key=lambda cam: (self._served.get(cam, 0.0), queues[cam][0][0]))
+        chosen: list[int] = []
+        oldest = float("-inf")
+        for rank in range(max((len(q) for q in queues.values()), default=0)):
+            for cam in cameras:
+                if rank < len(queues[cam]):
+                    age, i = queues[cam][rank]
+                    if max(oldest, age) + (len(chosen) + 1) * per_frame <= self.settings.staleness_ms:
+                        chosen.append(i)
+                        oldest = max(oldest, age)
+        served = time.monotonic()
+        for i in chosen:
+            self._served[fresh[i][0].camera_id] = served
+        return [fresh[i] for i in sorted(chosen)]
 
     def _publish_result(
         self, pipe: Any, entry: Entry, frame: Frame, out: FrameOutput, model: ModelRef | None, read_at: float
@@ -544,8 +678,9 @@ class Worker:
                 if is_key_error(settled) and entry.stream in self._streams:
                     self._isolate(entry.stream, entry.camera_id, settled)
             elif settled:
-                if stat == C.STAT_DROPPED_STALE_PUBLISH:
-                    STALE_AT_PUBLISH.labels(entry.camera_id).inc()
+                if stat in (C.STAT_DROPPED_STALE_PUBLISH, C.STAT_DROPPED_STALE_PREDICTED):
+                    part = STALE_AT_PUBLISH if stat == C.STAT_DROPPED_STALE_PUBLISH else STALE_PREDICTED
+                    part.labels(entry.camera_id).inc()
                     self.counts[stat] += 1
                     stat = C.STAT_DROPPED_STALE
                 FRAMES.labels(entry.camera_id, stat).inc()

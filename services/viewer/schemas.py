@@ -202,6 +202,9 @@ class CameraStats(BaseModel):
     dead_lettered: int
     publish_failed: int
     dropped_stale_publish: int = Field(description="Of dropped_stale: result ready but already too old.")
+    dropped_stale_predicted: int = Field(
+        description="Of dropped_stale: dropped at read, its age plus the batch's expected time over the budget."
+    )
     pending: int = Field(description="XPENDING of the inference group.")
     error: str | None = Field(
         None,
