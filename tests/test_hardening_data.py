@@ -36,7 +36,7 @@ from services.viewer.tracker import TrackedFace
 from shared import constants as C
 from shared.accounting import Accounting, read_stats, unaccounted
 from shared.redis_server import RedisServer
-from shared.schema import Event, Frame
+from shared.schema import Event, Frame, Result
 from shared.streams import ensure_group
 from tests.helpers.artifacts import make_artifact
 from tests.helpers.media import bomb
