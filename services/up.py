@@ -47,6 +47,7 @@ from typing import IO, Any
 from pydantic import Field, SecretStr
 
 from shared import constants as C
+from shared.backoff import Backoff
 from shared.credentials import CredentialsError, new_key, redact_url, unseal
 from shared.redis_server import RedisServer, RedisServerError
 from shared.runtime import die_with_parent, install_stop_handlers, setup_logging
@@ -64,7 +65,9 @@ from shared.sources import (
 
 log = logging.getLogger(__name__)
 
-#: Restart backoff: 0.5 s x 2^failures, capped; a child that ran this long counts as healthy again.
+#: Restart backoff (shared.backoff, no jitter): 1 s doubling to 30 s; a child that ran this long counts
+#: as healthy again (its backoff starts over).
+RESTART_BASE_S = 1.0
 RESTART_CAP_S = 30.0
 HEALTHY_AFTER_S = 30.0
 #: A sealed camera request older than this is refused (it was not made for this run).
@@ -133,7 +136,9 @@ class Child:
     started_mono: float = 0.0
     started_wall: float = 0.0
     restart_at: float = 0.0
-    failures: int = 0
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(base_s=RESTART_BASE_S, cap_s=RESTART_CAP_S, jitter=False)
+    )
     ready: bool = False
     done: bool = False
     next_probe: float = 0.0
@@ -225,9 +230,8 @@ class Supervisor:
             child.done = True
             return
         if now - child.started_mono > HEALTHY_AFTER_S:
-            child.failures = 0
-        child.failures += 1
-        delay = min(RESTART_CAP_S, 0.5 * 2 ** min(child.failures, 6))
+            child.backoff.reset()
+        delay = child.backoff.next_delay()
         log.warning("%s exited with %s; restarting in %.1fs", child.name, _describe_exit(code), delay)
         child.process = None
         child.restart_at = now + delay

@@ -34,8 +34,8 @@ from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import (
     REDIS_DOWN_ERRORS,
-    Backoff,
     Quarantine,
+    RedisBackoff,
     event_fields,
     eviction_warning,
     is_key_error,
@@ -97,7 +97,7 @@ class Reader:
             log.warning("viewer reader did not stop within %.0fs", timeout_s)
 
     async def run(self) -> None:
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
+        backoff = RedisBackoff(base_s=0.2, cap_s=5.0)
         while not self._stopping:
             try:
                 await self.step()
@@ -120,7 +120,7 @@ class Reader:
             for view in self.state.cameras.values():
                 view.notify()
 
-    async def _down(self, backoff: Backoff, exc: BaseException) -> None:
+    async def _down(self, backoff: RedisBackoff, exc: BaseException) -> None:
         if self.state.redis_ok or backoff.attempt == 0:
             log.warning("redis unavailable (%s: %s); reconnecting", type(exc).__name__, exc)
         self.state.redis_ok, self.state.redis_error = False, type(exc).__name__
