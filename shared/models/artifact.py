@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from shared.constants import UNCERTAIN, UNKNOWN
 from shared.models.archs import ARCH_LIMITS, ARCHITECTURES, MAX_PARAMETERS, build_model
 from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, TEMPLATES, normalize
 from shared.schema import MAX_CLASSES
@@ -41,8 +42,6 @@ ARTIFACT_FORMAT: Final = 1
 WEIGHTS_FILE: Final = "model.safetensors"
 META_FILE: Final = "model.json"
 CURRENT_FILE: Final = "current"
-UNCERTAIN: Final = "uncertain"
-UNKNOWN: Final = "unknown"
 
 
 class ArtifactError(RuntimeError):
