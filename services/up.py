@@ -41,17 +41,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from pydantic import Field, SecretStr
 
 from shared import constants as C
+from shared.backoff import Backoff
 from shared.credentials import CredentialsError, new_key, redact_url, unseal
 from shared.redis_server import RedisServer, RedisServerError
 from shared.runtime import die_with_parent, install_stop_handlers, setup_logging
 from shared.schema import CameraInfo, CameraRequest, SchemaError
-from shared.settings import CommonSettings, ModelPathsMixin
+from shared.settings import CommonSettings, Flag, ModelPathsMixin
 from shared.sources import (
     SOURCE_DIRS_HELP,
     SourceDirs,
@@ -64,7 +64,9 @@ from shared.sources import (
 
 log = logging.getLogger(__name__)
 
-#: Restart backoff: 0.5 s x 2^failures, capped; a child that ran this long counts as healthy again.
+#: Restart backoff (shared.backoff, no jitter): 1 s doubling to 30 s; a child that ran this long counts
+#: as healthy again (its backoff starts over).
+RESTART_BASE_S = 1.0
 RESTART_CAP_S = 30.0
 HEALTHY_AFTER_S = 30.0
 #: A sealed camera request older than this is refused (it was not made for this run).
@@ -97,19 +99,32 @@ class UpSettings(ModelPathsMixin, CommonSettings):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    source = Flag(
+        "sources",
         "--source",
-        action="append",
-        help="camera source; repeat for several cameras (default: GENDERLENS_SOURCES, else webcam 0)",
+        help="Camera source (0 / webcam:N, a video file, an rtsp:// or http(s):// URL, a folder of "
+        "images); repeat it for several cameras. In the environment a JSON list, which keeps passwords "
+        "out of ps; none = webcam 0",
+        metavar="SOURCE",
     )
-    parser.add_argument("--workers", type=int, help="inference workers (default 1)")
-    parser.add_argument("--host", help="viewer interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="viewer port (default 8000)")
-    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
-    parser.add_argument("--models-dir", type=Path, help="model artifacts folder")
-    parser.add_argument("--weights-dir", type=Path, help="detector weights folder")
-    parser.add_argument("--fps", type=float, help="frames per second per camera")
-    parser.add_argument("--loop", action="store_true", help="loop file and folder sources")
+    UpSettings.add_flags(parser, source, "workers", "host", "port", "redis_url", "models_dir", "weights_dir")
+    # capture's own flags, passed on to every camera's capture process
+    from services.capture.settings import CaptureSettings
+
+    CaptureSettings.add_flags(parser, "fps", "loop")
+
+
+@dataclass(frozen=True)
+class CaptureFlags:
+    """The capture flags given to ``up`` (``--fps``, ``--loop``), for every camera's capture process."""
+
+    fps: float | None = None
+    loop: bool = False
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> CaptureFlags:
+        given = vars(args)  # a flag that was not given is not there (argparse.SUPPRESS)
+        return cls(fps=given.get("fps"), loop=bool(given.get("loop")))
 
 
 class StartError(Exception):
@@ -133,7 +148,9 @@ class Child:
     started_mono: float = 0.0
     started_wall: float = 0.0
     restart_at: float = 0.0
-    failures: int = 0
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(base_s=RESTART_BASE_S, cap_s=RESTART_CAP_S, jitter=False)
+    )
     ready: bool = False
     done: bool = False
     next_probe: float = 0.0
@@ -225,9 +242,8 @@ class Supervisor:
             child.done = True
             return
         if now - child.started_mono > HEALTHY_AFTER_S:
-            child.failures = 0
-        child.failures += 1
-        delay = min(RESTART_CAP_S, 0.5 * 2 ** min(child.failures, 6))
+            child.backoff.reset()
+        delay = child.backoff.next_delay()
         log.warning("%s exited with %s; restarting in %.1fs", child.name, _describe_exit(code), delay)
         child.process = None
         child.restart_at = now + delay
@@ -384,7 +400,7 @@ def _open_webcam(spec: SourceSpec) -> None:
 
 
 def _check_children_settings(
-    settings: UpSettings, cameras: list[Camera], redis_url: str, args: argparse.Namespace
+    settings: UpSettings, cameras: list[Camera], redis_url: str, flags: CaptureFlags
 ) -> None:
     """Validate each child's settings here, as the child will (same environment, same overrides):
     a bad value fails now, in the child's own words, instead of a child crash-looping later."""
@@ -392,7 +408,6 @@ def _check_children_settings(
     from services.inference.main import load_settings as infer_settings
     from services.viewer.main import load_settings as viewer_settings
 
-    unset = dict.fromkeys(("detector", "device", "batch_size", "worker_name", "metrics_port"))
     checks: dict[str, Callable[[], object]] = {
         "viewer": functools.partial(
             viewer_settings, argparse.Namespace(host=settings.host, port=settings.port, redis_url=redis_url)
@@ -400,18 +415,17 @@ def _check_children_settings(
         "workers": functools.partial(
             infer_settings,
             argparse.Namespace(
-                redis_url=redis_url, models_dir=settings.models_dir, weights_dir=settings.weights_dir, **unset
+                redis_url=redis_url, models_dir=settings.models_dir, weights_dir=settings.weights_dir
             ),
         ),
     }
     for cam in cameras:
-        ns = argparse.Namespace(
+        ns = argparse.Namespace(  # None: not given (the child's environment decides)
             source=cam.spec.target,
             camera_id=cam.camera_id,
-            fps=args.fps,
-            loop=args.loop or None,
+            fps=flags.fps,
+            loop=flags.loop or None,
             redis_url=redis_url,
-            metrics_port=None,
         )
         checks[f"capture-{cam.camera_id}"] = functools.partial(capture_settings, ns)
     for name, check in checks.items():
@@ -458,32 +472,24 @@ def _connect_redis(url: str, timeout_s: float) -> None:
 
 # -- run -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    settings = UpSettings.load(
-        "up",
-        redis_url=args.redis_url,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        models_dir=args.models_dir,
-        weights_dir=args.weights_dir,
-    )
+    settings = UpSettings.from_args("up", args)
     setup_logging(settings.log_level)
     stop = threading.Event()
     install_stop_handlers(stop)
     try:
         with contextlib.ExitStack() as stack:
-            _up(settings, args, stop, stack)
+            _up(settings, CaptureFlags.of(args), stop, stack)
     except StartError as exc:
         raise SystemExit(f"genderlens up: {exc}") from None
     return 0
 
 
 def _up(
-    settings: UpSettings, args: argparse.Namespace, stop: threading.Event, stack: contextlib.ExitStack
+    settings: UpSettings, flags: CaptureFlags, stop: threading.Event, stack: contextlib.ExitStack
 ) -> None:
     given_url = settings.redis_url.get_secret_value() if settings.redis_url else None
-    cameras = _cameras(args.source or settings.sources or ["0"])
-    _check_children_settings(settings, cameras, given_url or "redis://127.0.0.1:6379/0", args)
+    cameras = _cameras(settings.sources or ["0"])
+    _check_children_settings(settings, cameras, given_url or "redis://127.0.0.1:6379/0", flags)
     _check_port(settings.host, settings.port)
     if given_url is None:
         redis_url = _start_redis(stack)
@@ -497,7 +503,7 @@ def _up(
     stack.callback(_shutdown, supervisor, settings.stop_timeout_s)  # runs before Redis stops
     requests = CameraRequests(redis_url, settings.redis_timeout_s)  # anchored now: none missed
     stack.callback(requests.close)
-    for child in _children(settings, cameras, args, key):
+    for child in _children(settings, cameras, flags, key):
         supervisor.add(child)
     probes = Probes(redis_url, settings.redis_timeout_s, settings.host, settings.port)
     supervisor.wait_ready(probes, settings.start_timeout_s)
@@ -509,7 +515,7 @@ def _up(
     while not stop.is_set():
         supervisor.poll(probes)
         for request in requests.poll(stop):
-            _apply_request(supervisor, request, key, settings, args)
+            _apply_request(supervisor, request, key, settings, flags)
 
 
 def _start_redis(stack: contextlib.ExitStack) -> str:
@@ -554,7 +560,7 @@ def _base_argv() -> list[str]:
 
 
 def _children(
-    settings: UpSettings, cameras: list[Camera], args: argparse.Namespace, key: str | None
+    settings: UpSettings, cameras: list[Camera], flags: CaptureFlags, key: str | None
 ) -> Iterator[Child]:
     yield Child(
         "viewer", "viewer", [*_base_argv(), "view"], {"GENDERLENS_CAMERA_REQUEST_KEY": key} if key else {}
@@ -572,14 +578,14 @@ def _children(
             worker_name=name,
         )
     for cam in cameras:
-        yield _capture_child(cam.spec, cam.camera_id, args.fps, args.loop)
+        yield _capture_child(cam.spec, cam.camera_id, flags)
 
 
-def _capture_child(spec: SourceSpec, camera_id: str, fps: float | None, loop: bool) -> Child:
+def _capture_child(spec: SourceSpec, camera_id: str, flags: CaptureFlags) -> Child:
     argv = [*_base_argv(), "capture", "--camera-id", camera_id]
-    if fps:
-        argv += ["--fps", str(fps)]
-    if loop:
+    if flags.fps:
+        argv += ["--fps", str(flags.fps)]
+    if flags.loop:
         argv.append("--loop")
     # A file or folder that plays to its end is done; a live camera is always restarted.
     return Child(
@@ -587,7 +593,7 @@ def _capture_child(spec: SourceSpec, camera_id: str, fps: float | None, loop: bo
         "capture",
         argv,
         {"GENDERLENS_SOURCE": spec.target},  # the real spec, credentials included: environment only
-        restart=spec.is_live or loop,
+        restart=spec.is_live or flags.loop,
         camera_id=camera_id,
     )
 
@@ -598,7 +604,7 @@ def _apply_request(
     request: CameraRequest,
     key: str | None,
     settings: UpSettings,
-    args: argparse.Namespace,
+    flags: CaptureFlags,
 ) -> None:
     camera_id = request.camera_id
     name = f"capture-{camera_id}"
@@ -615,7 +621,7 @@ def _apply_request(
         log.error("refusing camera %s requested through the API: %s", camera_id, exc)
         return
     log.info("camera %s added through the API: %s", camera_id, spec.redacted())
-    supervisor.add(_capture_child(spec, camera_id, args.fps, args.loop))
+    supervisor.add(_capture_child(spec, camera_id, flags))
 
 
 def _requested_spec(request: CameraRequest, key: str | None, settings: UpSettings) -> SourceSpec:

@@ -87,6 +87,15 @@ def worker_key(worker_name: str) -> str:
 
 WORKER_KEY_PATTERN: Final = f"{PREFIX}:worker:*"
 
+# -- labels beside the model's own classes (no class may be named like these) --------------------
+#: A face whose top class is below the uncertainty threshold (workers, and the viewer's smoothing).
+UNCERTAIN: Final = "uncertain"
+#: A face labelled by a worker that has no model.
+UNKNOWN: Final = "unknown"
+#: What the viewer shows for such a face ("unknown" would read as a verdict), and its key in counts.
+NO_MODEL: Final = "no model"
+NO_MODEL_COUNT: Final = "no_model"
+
 
 def is_valid_camera_id(camera_id: str) -> bool:
     return bool(CAMERA_ID_RE.match(camera_id))

@@ -1,7 +1,7 @@
 """Redis and Redis Streams helpers shared by every service.
 
 - ``connect`` builds a client where every call has a timeout.
-- ``Backoff`` is the capped exponential retry policy every service uses through an outage.
+- ``RedisBackoff`` is the retry policy (``shared.backoff``) every service uses through an outage, with its logs.
 - ``ensure_group`` creates the consumer group (idempotent; recreates it after a Redis restart).
 - ``autoclaim`` wraps XAUTOCLAIM so callers see one shape on Redis 6.2 and 7.x.
 - ``Quarantine`` keeps one camera's broken keys (wrong type, ...) that camera's problem: each is set
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from shared import constants as C
+from shared.backoff import Backoff, capped_delay
 from shared.credentials import redact_url as redact_url  # re-exported: the one redaction function
 from shared.schema import Event
 
@@ -53,18 +53,9 @@ def connect(url: str, timeout_s: float = 5.0, name: str | None = None) -> redis.
     return client
 
 
-@dataclass
-class Backoff:
-    """Capped exponential backoff with jitter; ``reset()`` after a success."""
-
-    base_s: float = 0.1
-    cap_s: float = 5.0
-    attempt: int = field(default=0, init=False)
-
-    def next_delay(self) -> float:
-        delay = min(self.cap_s, self.base_s * (2**self.attempt))
-        self.attempt += 1
-        return delay * (0.5 + random.random() / 2)
+class RedisBackoff(Backoff):
+    """:class:`shared.backoff.Backoff` through a Redis outage: ``wait`` logs each retry, ``reset`` logs
+    the recovery (once, and only after an outage)."""
 
     def wait(self, stop: threading.Event, what: str, exc: BaseException) -> None:
         delay = self.next_delay()
@@ -78,10 +69,11 @@ class Backoff:
         )
         stop.wait(delay)
 
-    def reset(self) -> None:
-        if self.attempt:
-            log.info("redis reachable again after %d retries", self.attempt)
-        self.attempt = 0
+    def reset(self) -> int:
+        attempts = super().reset()
+        if attempts:
+            log.info("redis reachable again after %d retries", attempts)
+        return attempts
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> bool:
@@ -202,7 +194,7 @@ class Quarantine:
         """Set ``key`` aside (again). True when it was not quarantined before."""
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
-        delay = min(self.cap_s, self.base_s * (2**attempt))
+        delay = capped_delay(attempt, self.base_s, self.cap_s)
         self._retry_at[key] = (time.monotonic() if now is None else now) + delay
         return attempt == 0
 

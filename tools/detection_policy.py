@@ -12,7 +12,10 @@ Reports, for the photos given:
 2. "far faces": each photo shrunk to 160, 96 or 64 px and pasted into a 640x480 grey frame (a person a
    few metres from a live camera), found at 640 vs 320;
 3. empty frames (the photos blurred beyond recognition, at 640x480): what a detect costs without and
-   with the fallback, for both backends, and with the worker's budget (fallback_every).
+   with the fallback, for both backends, and with the worker's budget (fallback_every);
+4. ``--parts thresholds``: the YuNet score threshold (0.5 to 0.9; 0.9 is OpenCV's default, 0.6 ours):
+   face-found rate with the policy, photos with more than one face (portraits: extra faces are mostly
+   false ones) and faces found on blurred photos, unchecked (docs/detection.md, "The score threshold").
 """
 
 from __future__ import annotations
@@ -98,12 +101,17 @@ def far_faces(raw: Any, images: Sequence[npt.NDArray[np.uint8]], long_side: int 
     return {f"found_rate_at_{side}": hits[side] / len(images) for side in hits}
 
 
+def blurred(image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """A photo at 640x480, blurred beyond recognition: a frame that holds no face."""
+    small = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.GaussianBlur(small, (0, 0), 40), np.uint8)
+
+
 def empty_frames(raw: Any, images: Sequence[npt.NDArray[np.uint8]], n: int) -> list[npt.NDArray[np.uint8]]:
-    """Photos at 640x480, blurred so much that no face is found at any side (checked)."""
+    """Blurred photos in which no face is found at any side (checked)."""
     frames: list[npt.NDArray[np.uint8]] = []
     for image in images:
-        small = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
-        frame = np.asarray(cv2.GaussianBlur(small, (0, 0), 40), np.uint8)
+        frame = blurred(image)
         if all(len(raw.detect([frame], s)[0]) == 0 for s in (640, 320, 200)):
             frames.append(frame)
         if len(frames) == n:
@@ -144,6 +152,39 @@ def empty_cost(
         stats = fallback_stats(dets[key])
         out[key]["stats"] = stats.snapshot() if stats else None
     return out
+
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+POLICY = (640, 320, 200)
+
+
+def score_thresholds(
+    raw: Any, images: Sequence[npt.NDArray[np.uint8]], empty: Sequence[npt.NDArray[np.uint8]]
+) -> dict[str, Any]:
+    """Per threshold: found rate with the policy, photos with several faces, faces on empty frames.
+
+    Detected once at the lowest threshold; a higher threshold keeps the faces scoring at least that
+    (non-maximum suppression only lets a face suppress lower-scoring ones, so this equals detecting
+    at that threshold)."""
+
+    def faces(image: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.float32]]:
+        return [raw.detect([image], side)[0].scores for side in POLICY]
+
+    def found(scores: list[npt.NDArray[np.float32]], t: float) -> int:
+        """Faces found by the policy: at the first side where any scores at least ``t``."""
+        return next((n for n in (int((s >= t).sum()) for s in scores) if n), 0)
+
+    photos = [faces(image) for image in images]
+    frames = [faces(frame) for frame in empty]
+    return {
+        str(t): {
+            "found_rate": sum(found(p, t) > 0 for p in photos) / len(images),
+            "several_faces": sum(found(p, t) > 1 for p in photos),
+            "empty_frames_with_a_face": sum(found(f, t) > 0 for f in frames),
+            "faces_on_empty_frames": sum(found(f, t) for f in frames),
+        }
+        for t in THRESHOLDS
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"empty 640x480 frames ({len(frames)}), {name}, fastest of {args.rounds} rounds:")
             for key, row in rows.items():
                 print(f"  {key:<22} {row['ms_per_frame']:7.2f} ms/frame  x{row['ratio_to_no_fallback']:.2f}")
+    if "thresholds" in parts:
+        low = create(
+            "cv2-yunet",
+            DetectorConfig(weights_dir=args.weights_dir, fallback_sides=(), score_threshold=min(THRESHOLDS)),
+        )
+        report["thresholds"] = score_thresholds(low, images, [blurred(im) for im in images[: args.empty]])
+        print(f"score threshold: faces found, photos with several faces, of {args.empty} blurred frames")
+        for t, row in report["thresholds"].items():
+            print(
+                f"{t:<5} {100 * row['found_rate']:6.2f}% {row['several_faces']:4d} photos, "
+                f"{row['empty_frames_with_a_face']} frames with {row['faces_on_empty_frames']} faces"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -39,6 +39,7 @@ import numpy as np
 
 from services.viewer.appearance import Signature, signatures_from_jpeg
 from services.viewer.tracker import FaceTracker, threshold_of
+from shared.constants import NO_MODEL, UNCERTAIN
 from shared.runtime import setup_logging
 from shared.schema import ModelRef, Result, Timestamps
 
@@ -247,7 +248,7 @@ def replay(
             settled = False
             for seq in range(photo * frames_per_photo, (photo + 1) * frames_per_photo):
                 _, label, track_id = main.get(seq, (0.0, "", 0))
-                is_class = label not in ("", "uncertain", "no model")
+                is_class = label not in ("", UNCERTAIN, NO_MODEL)
                 # The previous person's label on the new face, from the previous person's track.
                 carried += bool(
                     before and track_id == before[2] and label == truth[photo - 1] != truth[photo]
@@ -268,7 +269,7 @@ def replay(
         if truth and frames_per_photo:
             for seq, label in by_seq.items():
                 out.shown += 1
-                if label not in ("uncertain", "no model"):
+                if label not in (UNCERTAIN, NO_MODEL):
                     out.labelled += 1
                     out.correct += label == truth[min(seq // frames_per_photo, len(truth) - 1)]
     return out

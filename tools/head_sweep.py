@@ -15,6 +15,8 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,21 @@ from trainer.split import DUP_GROUPS_FILE, make_split, read_duplicate_groups
 CHILD_BANDS = ("0-2", "3-9")
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Features:
+    """Embeddings of the training views and the validation proxies, with what the rows report on."""
+
+    classes: list[str]
+    train_views: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]  #: color, gray, dark
+    y_train: torch.Tensor
+    y_val: torch.Tensor
+    ages: list[str | None]  #: of the training images
+    val_groups: list[str | None]
+    val_ages: list[str | None]
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.head_sweep", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--arch", default="dlib_resnet")
@@ -44,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return p
+
+
+def features(args: argparse.Namespace) -> Features:
+    """The trainer's cache and split for ``args.data``, and every view embedded once (cached)."""
     spec = BACKBONES[args.arch]
     catalog = read_dataset(args.data, None)
     cache = build_or_load(
@@ -77,63 +96,79 @@ def main(argv: list[str] | None = None) -> int:
     train_views = {"plain": plain[:n_train], "flip": view("flip", split.train)}
     for k in range(args.feature_views):
         train_views[f"aug{k + 1}"] = view(f"aug{k + 1}", split.train)
-    val = {"color": plain[n_train:], "gray": view("gray", split.val), "dark": view("dark", split.val)}
     labels = torch.tensor([catalog.classes.index(s.label) for s in catalog.samples])
-    y_train, y_val = labels[torch.from_numpy(split.train)], labels[torch.from_numpy(split.val)]
-    ages = [catalog.samples[i].age for i in split.train.tolist()]
-    val_groups = [catalog.samples[i].group for i in split.val.tolist()]
-    val_ages = [catalog.samples[i].age for i in split.val.tolist()]
-    band_counts: dict[str | None, int] = {}
-    for a in ages:
-        band_counts[a] = band_counts.get(a, 0) + 1
+    return Features(
+        classes=catalog.classes,
+        train_views=train_views,
+        val={"color": plain[n_train:], "gray": view("gray", split.val), "dark": view("dark", split.val)},
+        y_train=labels[torch.from_numpy(split.train)],
+        y_val=labels[torch.from_numpy(split.val)],
+        ages=[catalog.samples[i].age for i in split.train.tolist()],
+        val_groups=[catalog.samples[i].group for i in split.val.tolist()],
+        val_ages=[catalog.samples[i].age for i in split.val.tolist()],
+    )
 
-    view_sets = {
-        "plain": ["plain"],
-        "plain+flip": ["plain", "flip"],
-        "all views": list(train_views),
-    }
-    rows: list[dict[str, Any]] = []
+
+def variants(train_views: dict[str, torch.Tensor]) -> Iterator[tuple[str, list[str], int, float, str]]:
+    """(views name, views, head width, weight decay, weighting): the view comparison at the default
+    head, every head setting on all views."""
+    view_sets = {"plain": ["plain"], "plain+flip": ["plain", "flip"], "all views": list(train_views)}
     for (vs_name, vs), hidden, wd, weighting in itertools.product(
         view_sets.items(), (0, 256), (1e-4, 0.05), ("none", "age-balanced")
     ):
-        if vs_name != "all views" and (hidden or weighting != "none" or wd != 0.05):
-            continue  # the view comparison is made at the default head; the rest on all views
-        x = torch.cat([train_views[v] for v in vs])
-        y = y_train.repeat(len(vs))
-        w = None
-        if weighting == "age-balanced":  # every age band weighs as much in total (capped at 4x)
-            per = torch.tensor([min(4.0, max(band_counts.values()) / band_counts[a]) for a in ages])
-            w = (per / per.mean()).repeat(len(vs))
-        torch.manual_seed(0)
-        head = build_model(args.arch, 2, hidden=hidden).head
-        assert isinstance(head, nn.Module)
-        fit = fit_head(head, x, y, val["color"], y_val, epochs=args.epochs, weight_decay=wd, sample_weight=w)
-        head.load_state_dict(fit.state)
-        head.eval()
-        with torch.no_grad():
-            logits = {k: head(v) for k, v in val.items()}
-        probs = torch.softmax(logits["color"], 1).numpy()
-        rep = classification_report(probs, y_val.numpy(), catalog.classes, val_groups, val_ages)
-        child = [
-            c
-            for c, a in zip((logits["color"].argmax(1) == y_val).tolist(), val_ages, strict=True)
-            if a in CHILD_BANDS
-        ]
-        row = {
-            "views": vs_name,
-            "hidden": hidden,
-            "weight_decay": wd,
-            "weighting": weighting,
-            "val_acc": rep["accuracy"],
-            "val_nll": float(F.cross_entropy(logits["color"], y_val)),
-            "gray_acc": float((logits["gray"].argmax(1) == y_val).float().mean()),
-            "dark_acc": float((logits["dark"].argmax(1) == y_val).float().mean()),
-            "female": rep["per_class"]["female"]["accuracy"],
-            "male": rep["per_class"]["male"]["accuracy"],
-            "worst_group": min(v["accuracy"] for v in rep["per_group"].values()),
-            "children_0_9": sum(child) / len(child),
-            "per_age": {k: round(v["accuracy"], 4) for k, v in rep["per_age"].items()},
-        }
+        if vs_name == "all views" or not (hidden or weighting != "none" or wd != 0.05):
+            yield vs_name, vs, hidden, wd, weighting
+
+
+def fit_variant(
+    f: Features, arch: str, epochs: int, views: list[str], hidden: int, wd: float, weighting: str
+) -> dict[str, Any]:
+    """Fit one head exactly as the trainer does and measure it on the validation split."""
+    x = torch.cat([f.train_views[v] for v in views])
+    y = f.y_train.repeat(len(views))
+    w = None
+    if weighting == "age-balanced":  # every age band weighs as much in total (capped at 4x)
+        band_counts: dict[str | None, int] = {}
+        for a in f.ages:
+            band_counts[a] = band_counts.get(a, 0) + 1
+        per = torch.tensor([min(4.0, max(band_counts.values()) / band_counts[a]) for a in f.ages])
+        w = (per / per.mean()).repeat(len(views))
+    torch.manual_seed(0)
+    head = build_model(arch, 2, hidden=hidden).head
+    assert isinstance(head, nn.Module)
+    fit = fit_head(head, x, y, f.val["color"], f.y_val, epochs=epochs, weight_decay=wd, sample_weight=w)
+    head.load_state_dict(fit.state)
+    head.eval()
+    with torch.no_grad():
+        logits = {k: head(v) for k, v in f.val.items()}
+    probs = torch.softmax(logits["color"], 1).numpy()
+    rep = classification_report(probs, f.y_val.numpy(), f.classes, f.val_groups, f.val_ages)
+    child = [
+        c
+        for c, a in zip((logits["color"].argmax(1) == f.y_val).tolist(), f.val_ages, strict=True)
+        if a in CHILD_BANDS
+    ]
+    return {
+        "val_acc": rep["accuracy"],
+        "val_nll": float(F.cross_entropy(logits["color"], f.y_val)),
+        "gray_acc": float((logits["gray"].argmax(1) == f.y_val).float().mean()),
+        "dark_acc": float((logits["dark"].argmax(1) == f.y_val).float().mean()),
+        "female": rep["per_class"]["female"]["accuracy"],
+        "male": rep["per_class"]["male"]["accuracy"],
+        "worst_group": min(v["accuracy"] for v in rep["per_group"].values()),
+        "children_0_9": sum(child) / len(child),
+        "per_age": {k: round(v["accuracy"], 4) for k, v in rep["per_age"].items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    f = features(args)
+    rows: list[dict[str, Any]] = []
+    for vs_name, vs, hidden, wd, weighting in variants(f.train_views):
+        row: dict[str, Any] = {"views": vs_name, "hidden": hidden, "weight_decay": wd, "weighting": weighting}
+        row |= fit_variant(f, args.arch, args.epochs, vs, hidden, wd, weighting)
         rows.append(row)
         sys.stdout.write(
             f"{vs_name:<11} hidden {hidden:<4} wd {wd:<6} {weighting:<13} val {100 * row['val_acc']:.2f} "

@@ -15,31 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--source",
-        help="0 / webcam:N, video file, rtsp:// or http(s):// URL, or image folder (env GENDERLENS_SOURCE, "
-        "which keeps a URL's password out of ps)",
-    )
-    parser.add_argument("--camera-id", help="camera id slug (default: derived from the source)")
-    parser.add_argument("--fps", type=float, help="frames per second to publish (default 15)")
-    parser.add_argument("--loop", action="store_true", default=None, help="loop a file or folder source")
-    parser.add_argument("--redis-url", help="Redis URL (env GENDERLENS_REDIS_URL)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    CaptureSettings.add_flags(parser, "source", "camera_id", "fps", "loop", "redis_url", "metrics_port")
 
 
 def load_settings(args: argparse.Namespace) -> CaptureSettings:
     """Settings from the environment and flags (``genderlens up`` validates children with this too).
     The source is best given in the environment (GENDERLENS_SOURCE): ``ps`` shows every process's
     command line, with any password in a URL."""
-    return CaptureSettings.load(
-        "capture",
-        source=args.source,
-        camera_id=args.camera_id,
-        fps=args.fps,
-        loop=args.loop,
-        redis_url=args.redis_url,
-        metrics_port=args.metrics_port,
-    )
+    return CaptureSettings.from_args("capture", args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,9 +30,17 @@ from services.capture.settings import CaptureSettings
 from services.capture.sources import FrameSource, SourceOptions, open_source
 from shared import constants as C
 from shared.accounting import Accounting
+from shared.backoff import Backoff
 from shared.schema import MAX_DIMENSION, MAX_PIXELS, CameraInfo, Frame
 from shared.sources import SourceError, SourceSpec
-from shared.streams import REDIS_DOWN_ERRORS, Backoff, connect, ensure_group, publish_event, warn_if_evicting
+from shared.streams import (
+    REDIS_DOWN_ERRORS,
+    RedisBackoff,
+    connect,
+    ensure_group,
+    publish_event,
+    warn_if_evicting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +230,7 @@ class CaptureService:
             log.info("created consumer group %s on %s", C.INFERENCE_GROUP, self.stream)
 
     def _publish_loop(self) -> None:
-        backoff = Backoff(cap_s=5.0)
+        backoff = RedisBackoff(cap_s=5.0)
         registered = False
         policy_checked = False
         last_beat = 0.0

@@ -11,7 +11,7 @@ class CaptureSettings(CommonSettings):
     source: str = Field(
         "0",
         description="Source spec: 0 / webcam:N, a video file, rtsp:// or http(s):// URL, "
-        "or a folder of images.",
+        "or a folder of images. Give a URL with a password in the environment: ps shows command lines.",
     )
     camera_id: str | None = Field(None, description="Camera id (slug); derived from the source when unset.")
     fps: float = Field(

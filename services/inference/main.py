@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from services.inference.settings import InferenceSettings
 from shared.device import resolve_device
 from shared.runtime import default_consumer_name, install_stop_handlers, setup_logging, start_metrics_server
+from shared.settings import Flag
 
 if TYPE_CHECKING:
     from services.inference.models import ModelManager
@@ -22,16 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (env GENDERLENS_REDIS_URL)")
-    parser.add_argument("--models-dir", type=Path, help="model artifacts folder (env GENDERLENS_MODELS_DIR)")
-    parser.add_argument(
-        "--weights-dir", type=Path, help="detector weights folder (env GENDERLENS_WEIGHTS_DIR)"
+    InferenceSettings.add_flags(
+        parser,
+        "redis_url",
+        "models_dir",
+        "weights_dir",
+        "detector",
+        "device",
+        "batch_size",
+        Flag("worker_name", "--name"),
+        "metrics_port",
     )
-    parser.add_argument("--detector", help="detector backend: cv2-yunet or torch-yunet")
-    parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--batch-size", type=int, help="most frames per batch")
-    parser.add_argument("--name", dest="worker_name", help="consumer name (default host-pid)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument(
         "--check-health",
         action="store_true",
@@ -40,17 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(args: argparse.Namespace) -> InferenceSettings:
-    settings = InferenceSettings.load(
-        "infer",
-        redis_url=args.redis_url,
-        models_dir=args.models_dir,
-        weights_dir=args.weights_dir,
-        detector=args.detector,
-        device=args.device,
-        batch_size=args.batch_size,
-        worker_name=args.worker_name,
-        metrics_port=args.metrics_port,
-    )
+    settings = InferenceSettings.from_args("infer", args)
     if settings.block_ms / 1000 >= settings.redis_timeout_s:
         raise SystemExit("genderlens infer: block_ms must be shorter than redis_timeout_s")
     return settings

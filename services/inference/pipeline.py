@@ -33,9 +33,10 @@ import numpy.typing as npt
 import torch
 from prometheus_client import Counter
 
+from shared.constants import UNKNOWN
 from shared.detectors import Detections, FaceDetector
 from shared.detectors.fallback import fallback_stats
-from shared.models.artifact import UNKNOWN, Classifier, label_for
+from shared.models.artifact import Classifier, label_for
 from shared.preprocess import align_faces, stack_frames
 from shared.schema import Face, SchemaError, check_jpeg
 

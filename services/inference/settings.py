@@ -38,7 +38,11 @@ class InferenceSettings(ModelPathsMixin, CommonSettings):
         description="Retry at most one in this many frames with no face (bounds the cost of an empty "
         "room to about 1/N of a 40% retry), but every such frame right after a retry found a face.",
     )
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when present.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the models run: auto (cuda when present), cpu, cuda or cuda:N.",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads, also the cap of OpenCV's; 0 = the libraries' default."
     )

@@ -59,8 +59,8 @@ from shared.accounting import Accounting
 from shared.schema import FIELD, MAX_FACES, Face, Frame, ModelRef, Result, SchemaError, Timestamps
 from shared.streams import (
     REDIS_DOWN_ERRORS,
-    Backoff,
     Quarantine,
+    RedisBackoff,
     autoclaim,
     connect,
     ensure_group,
@@ -249,7 +249,7 @@ class Worker:
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
         """Consume until ``stop`` is set (SIGTERM), riding out Redis outages. Returns the exit code."""
-        backoff = Backoff(cap_s=5.0)
+        backoff = RedisBackoff(cap_s=5.0)
         log.info("worker %s consuming group %s", self.name, C.INFERENCE_GROUP)
         while not self.stop.is_set():
             try:

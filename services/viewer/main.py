@@ -19,23 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="interface to bind (env GENDERLENS_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (env GENDERLENS_PORT; default 8000)")
-    parser.add_argument("--redis-url", help="Redis URL (env GENDERLENS_REDIS_URL)")
-    parser.add_argument(
-        "--blur-faces", action="store_true", default=None, help="blur every face in the served video"
-    )
+    ViewerSettings.add_flags(parser, "host", "port", "redis_url", "blur_faces")
 
 
 def load_settings(args: argparse.Namespace) -> ViewerSettings:
     # e.g. a non-localhost bind without a token: refuse to start, say why.
-    return ViewerSettings.load(
-        "view",
-        host=args.host,
-        port=args.port,
-        redis_url=args.redis_url,
-        blur_faces=getattr(args, "blur_faces", None),
-    )
+    return ViewerSettings.from_args("view", args)
 
 
 def run(args: argparse.Namespace) -> int:

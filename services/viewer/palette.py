@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from services.viewer.tracker import NO_MODEL
+from shared.constants import NO_MODEL
 
 #: Okabe-Ito without black (unseen on the dark box outline) and reddish purple (kept for "no model"),
 #: in the palette's own order.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -34,8 +34,8 @@ from shared import constants as C
 from shared.schema import CameraInfo, CameraRequest, Event, Frame, ModelEvent, Result, SchemaError
 from shared.streams import (
     REDIS_DOWN_ERRORS,
-    Backoff,
     Quarantine,
+    RedisBackoff,
     event_fields,
     eviction_warning,
     is_key_error,
@@ -43,6 +43,8 @@ from shared.streams import (
 )
 
 log = logging.getLogger(__name__)
+
+CameraMessage = TypeVar("CameraMessage", Frame, Result)
 
 #: How long XREAD blocks when nothing arrives; well under the socket timeout.
 BLOCK_MS = 500
@@ -97,7 +99,7 @@ class Reader:
             log.warning("viewer reader did not stop within %.0fs", timeout_s)
 
     async def run(self) -> None:
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
+        backoff = RedisBackoff(base_s=0.2, cap_s=5.0)
         while not self._stopping:
             try:
                 await self.step()
@@ -120,7 +122,7 @@ class Reader:
             for view in self.state.cameras.values():
                 view.notify()
 
-    async def _down(self, backoff: Backoff, exc: BaseException) -> None:
+    async def _down(self, backoff: RedisBackoff, exc: BaseException) -> None:
         if self.state.redis_ok or backoff.attempt == 0:
             log.warning("redis unavailable (%s: %s); reconnecting", type(exc).__name__, exc)
         self.state.redis_ok, self.state.redis_error = False, type(exc).__name__
@@ -194,29 +196,34 @@ class Reader:
             M.BAD_MESSAGES.labels(stream.rsplit(":", 2)[-2] if ":" in stream else stream).inc()
             log.warning("skipping malformed entry %s on %s: %s", entry_id, stream, exc.reason)
 
-    def _camera_of(self, stream: str, prefix: str) -> str | None:
+    def _message(
+        self, stream: str, prefix: str, fields: dict[bytes, bytes], kind: type[CameraMessage]
+    ) -> tuple[str, CameraMessage] | None:
+        """The frame or result on a camera's stream, checked to be that camera's; None for a camera
+        the viewer does not follow."""
         camera_id = stream[len(prefix) :]
-        return camera_id if camera_id in self.state.cameras else None
+        if camera_id not in self.state.cameras:
+            return None
+        message = kind.from_fields(fields)
+        if message.camera_id != camera_id:
+            raise SchemaError(f"{kind.KIND} of {message.camera_id!r} on {camera_id}'s stream")
+        return camera_id, message
 
     def _frame(self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float) -> None:
-        camera_id = self._camera_of(stream, C.frames_stream(""))
-        if camera_id is None:
+        found = self._message(stream, C.frames_stream(""), fields, Frame)
+        if found is None:
             return
-        frame = Frame.from_fields(fields)
-        if frame.camera_id != camera_id:
-            raise SchemaError(f"frame of {frame.camera_id!r} on {camera_id}'s stream")
+        camera_id, frame = found
         self.state.cameras[camera_id].add_frame(entry_id, frame, received_at)
         M.FRAMES.labels(camera_id).inc()
 
     async def _result(
         self, stream: str, entry_id: str, fields: dict[bytes, bytes], received_at: float
     ) -> None:
-        camera_id = self._camera_of(stream, C.results_stream(""))
-        if camera_id is None:
+        found = self._message(stream, C.results_stream(""), fields, Result)
+        if found is None:
             return
-        result = Result.from_fields(fields)
-        if result.camera_id != camera_id:
-            raise SchemaError(f"result of {result.camera_id!r} on {camera_id}'s stream")
+        camera_id, result = found
         view = self.state.cameras[camera_id]
         result = view.trim(result)
         # The faces' appearance, so the tracker notices one face replacing another in the same place;

@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from services.viewer.palette import bgr, colour_of, text_on
-from services.viewer.tracker import NO_MODEL, UNCERTAIN, TrackedFace
+from services.viewer.tracker import TrackedFace
+from shared.constants import NO_MODEL, UNCERTAIN
 from shared.schema import check_jpeg
 
 Image = npt.NDArray[np.uint8]

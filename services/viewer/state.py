@@ -18,7 +18,8 @@ from typing import Any, Final, Literal
 
 from services.viewer import metrics as M
 from services.viewer.appearance import Signature
-from services.viewer.tracker import NO_MODEL, UNCERTAIN, FaceTracker, TrackedFace, threshold_of
+from services.viewer.tracker import FaceTracker, TrackedFace, threshold_of
+from shared.constants import NO_MODEL, NO_MODEL_COUNT, UNCERTAIN
 from shared.schema import CameraInfo, Event, Frame, ModelRef, Result
 
 #: Camera status values the page and API show.
@@ -223,7 +224,7 @@ class CameraView:
         classes = classes_of(self.latest_result) if self.latest_result is not None else ()
         counts: dict[str, int] = {"faces": len(faces), **dict.fromkeys(classes, 0), UNCERTAIN: 0}
         for face in faces:
-            key = face.label if face.label != NO_MODEL else "no_model"
+            key = face.label if face.label != NO_MODEL else NO_MODEL_COUNT
             counts[key] = counts.get(key, 0) + 1
         return counts
 

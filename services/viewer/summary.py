@@ -21,7 +21,7 @@ from services.viewer.schemas import (
 )
 from services.viewer.settings import ViewerSettings
 from services.viewer.state import COUNTS_MAX_AGE_S, CameraView, ViewerState
-from services.viewer.tracker import UNCERTAIN
+from shared.constants import NO_MODEL_COUNT, UNCERTAIN
 
 
 def camera_out(view: CameraView, state: ViewerState, settings: ViewerSettings, now: float) -> CameraOut:
@@ -76,7 +76,7 @@ def model_status(state: ViewerState) -> ModelStatus:
 def stats_message(state: ViewerState, settings: ViewerSettings) -> dict[str, Any]:
     """The WebSocket's ``stats`` message, once a second: cameras, totals, mean stage latency, model,
     workers, refused models."""
-    totals: dict[str, int] = {"faces": 0, **dict.fromkeys(state.classes, 0), UNCERTAIN: 0, "no_model": 0}
+    totals: dict[str, int] = {"faces": 0, **dict.fromkeys(state.classes, 0), UNCERTAIN: 0, NO_MODEL_COUNT: 0}
     stages: dict[str, list[float]] = {}
     for view in state.cameras.values():
         for name, count in view.counts(COUNTS_MAX_AGE_S).items():

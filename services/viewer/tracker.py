@@ -47,13 +47,9 @@ import numpy as np
 import numpy.typing as npt
 
 from services.viewer.appearance import Signature, similarity
+from shared.constants import NO_MODEL, UNCERTAIN, UNKNOWN
 from shared.schema import Face, Result
 
-#: Labels the workers use (kept here so the viewer never imports torch through shared.models).
-UNCERTAIN: Final = "uncertain"
-UNKNOWN: Final = "unknown"
-#: What the viewer shows for faces that come from a worker without a model.
-NO_MODEL: Final = "no model"
 #: For results that do not say which threshold their worker used (workers older than
 #: ``ModelRef.uncertain_threshold``): the artifact format's default threshold.
 DEFAULT_UNCERTAIN_THRESHOLD: Final = 0.6

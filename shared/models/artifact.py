@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from shared.constants import UNCERTAIN, UNKNOWN
 from shared.fsutil import atomic_write, fsync_dir, write_synced
 from shared.models.archs import ARCH_LIMITS, ARCHITECTURES, MAX_PARAMETERS, build_model
 from shared.preprocess import DEFAULT_TEMPLATE, PREPROCESS_VERSION, TEMPLATES, normalize
@@ -41,8 +42,6 @@ ARTIFACT_FORMAT: Final = 1
 WEIGHTS_FILE: Final = "model.safetensors"
 META_FILE: Final = "model.json"
 CURRENT_FILE: Final = "current"
-UNCERTAIN: Final = "uncertain"
-UNKNOWN: Final = "unknown"
 
 
 class ArtifactError(RuntimeError):
