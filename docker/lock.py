@@ -85,7 +85,7 @@ def uv_binary() -> str:
 
 def pins_of(text: str) -> dict[str, str]:
     """name -> ``name==version`` line of a requirements text (comments and anything else skipped)."""
-    out = {}
+    out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line and not line.startswith("-"):
@@ -95,7 +95,7 @@ def pins_of(text: str) -> dict[str, str]:
 
 def environment_pins() -> dict[str, str]:
     """What this environment has installed (the project itself left out)."""
-    out = {}
+    out: dict[str, str] = {}
     for dist in metadata.distributions():
         name = canonicalize_name(dist.metadata["Name"])
         if name != "genderlens":

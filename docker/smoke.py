@@ -602,7 +602,7 @@ class Smoke:
         if not eval_dir.is_dir() or not train_dir.is_dir():
             raise SmokeError(f"the smoke run needs the handed-over face photos in {HANDED_OVER / 'data'}")
         sys.path.insert(0, str(REPO))
-        from tests.support import face_photos, write_clip
+        from tests.helpers.photos import face_photos, write_clip
 
         media = self.tmp / "media"
         media.mkdir()
