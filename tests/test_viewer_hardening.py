@@ -135,6 +135,34 @@ def test_an_empty_token_cannot_open_a_public_bind() -> None:
             assert token not in proc.stderr + proc.stdout
 
 
+def test_a_session_cookie_opens_only_the_viewer_whose_token_made_it(rdb: redis.Redis) -> None:
+    """The login cookie is an HMAC keyed by the token, so it is worth nothing to another deployment,
+    and the value every empty-token deployment used to share (keyed by "") opens nothing."""
+    from fastapi.testclient import TestClient
+
+    from services.viewer.app import create_app
+    from services.viewer.auth import COOKIE_NAME, session_value
+
+    token_a, token_b = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    with (
+        TestClient(create_app(viewer_settings(viewer_token=SecretStr(token_a)))) as a,
+        TestClient(create_app(viewer_settings(viewer_token=SecretStr(token_b)))) as b,
+    ):
+        login = a.post("/login", data={"token": token_a}, follow_redirects=False)
+        assert login.status_code == 303
+        value = login.cookies[COOKIE_NAME]
+        a.cookies.clear()
+        assert token_a not in value and value == session_value(token_a)
+
+        def with_cookie(v: str) -> dict[str, str]:
+            return {"Cookie": f"{COOKIE_NAME}={v}"}
+
+        assert a.get("/api/cameras", headers=with_cookie(value)).status_code == 200
+        assert b.get("/api/cameras", headers=with_cookie(value)).status_code == 401
+        for forged in (session_value(""), session_value(token_b)[:-1] + "0", ""):
+            assert a.get("/api/cameras", headers=with_cookie(forged)).status_code == 401
+
+
 # -- item 5: Host and Origin -----------------------------------------------------------------------
 def test_unknown_host_names_get_400_so_dns_rebinding_reads_nothing(rdb: redis.Redis) -> None:
     register_camera(rdb, "lobby", source="/secret/path/lobby.mp4")
