@@ -9,7 +9,8 @@ What a user does, in order, each step checked:
 3. build inputs: an image of this site's inputs (SITE_IMAGE: a wheelhouse made by ``pip download``
    from the pinned requirements, the detector weights, ``no-index``), so that the build itself
    downloads nothing; the torch flavour is ``cpu`` where the PyTorch CPU index answers, else ``gpu``;
-4. ``docker compose build`` of every image; their sizes; capture and viewer hold no torch;
+4. ``docker compose build`` of every image; their sizes; capture and viewer hold no torch; no image
+   holds the dev tools (``tools/``, ``tests/``);
 5. ``docker compose up -d`` with a clip of real faces mounted into capture and a viewer token: time to
    the first result through the viewer API (401 without the token), every service healthy, and the
    hardening that the live run needs (read-only root, user 10001, seeded models volume);
@@ -646,16 +647,19 @@ class Smoke:
         for name in IMAGES:
             image = f"genderlens/{name}:local"
             size = int(engine.cli("image", "inspect", "--format", "{{.Size}}", image).strip())
-            torch = engine.cli(
+            torch, tools = engine.cli(
                 "run", "--rm", "--entrypoint", "python", image, "-c",
-                "import importlib.util as u; print('torch' if u.find_spec('torch') else 'no torch')",
-            ).strip()  # fmt: skip
-            say(f"image genderlens/{name}:local  {size / 1e6:8.0f} MB  {torch}")
-            self.figures[f"size {name}"] = f"{size / 1e6:.0f} MB ({torch})"
+                "import importlib.util as u; print('torch' if u.find_spec('torch') else 'no torch');"
+                "print(', '.join(m for m in ('tools', 'tests') if u.find_spec(m)) or 'no dev tools')",
+            ).strip().splitlines()  # fmt: skip
+            say(f"image genderlens/{name}:local  {size / 1e6:8.0f} MB  {torch}, {tools}")
+            self.figures[f"size {name}"] = f"{size / 1e6:.0f} MB ({torch}, {tools})"
             if (name in ("capture", "viewer")) == (torch == "torch"):
                 raise SmokeError(
                     f"{image}: {torch}; capture and viewer must hold no torch, the others need it"
                 )
+            if tools != "no dev tools":  # the benchmarks and test helpers stay in the checkout
+                raise SmokeError(f"{image} holds {tools}: the images install the wheel, which has none")
         table = engine.cli("system", "df", "-v").splitlines()
         rows = [line for line in table if line.startswith(("REPOSITORY", "genderlens/"))][:5]
         say("images on disk (inference and trainer share the torch layer):\n" + "\n".join(rows))
