@@ -600,6 +600,7 @@ def train(run: Run, model: nn.Module, data: Data, checkpoint: dict[str, Any] | N
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "schedule": {"shape": shape, "state": scheduler.state_dict()},
+            "rng": rng_state(run.device),
         }
         save_checkpoint(progress, state, epoch, config, data.classes)
         if settings.max_minutes and time.time() - run.started > settings.max_minutes * 60:
@@ -627,6 +628,8 @@ def _resume(
         group.pop("initial_lr", None)
     if "scaler" in checkpoint and run.device.type == "cuda":
         scaler.load_state_dict(checkpoint["scaler"])
+    if "rng" in checkpoint:  # checkpoints from before it was saved resume with a fresh draw
+        set_rng_state(checkpoint["rng"], run.device)
     progress.history = list(checkpoint["history"])
     progress.best_val, progress.best_state = float(checkpoint["best_val_loss"]), checkpoint["best_state"]
     progress.bad_epochs, progress.start_epoch = int(checkpoint["bad_epochs"]), int(checkpoint["epoch"]) + 1
@@ -635,11 +638,26 @@ def _resume(
     say(f"resumed from {run.settings.resume} at epoch {progress.start_epoch}")
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's global generators (dropout draws from them; the data order and augmentation have
+    generators seeded per epoch), so that a resumed run draws what the uninterrupted one would."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(
     progress: Progress, state: dict[str, Any], epoch: int, config: dict[str, Any], classes: list[str]
 ) -> None:
-    """``checkpoint.pt`` in the run's folder, atomically: weights, optimiser, scaler and schedule
-    (``state``), the epoch, the resolved config and the loop's state."""
+    """``checkpoint.pt`` in the run's folder, atomically: weights, optimiser, scaler, schedule and
+    random state (``state``), the epoch, the resolved config and the loop's state."""
     checkpoint = {
         **state,
         "epoch": epoch,
