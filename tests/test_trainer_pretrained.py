@@ -4,6 +4,7 @@ resumes chunk by chunk."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,20 +69,50 @@ def test_frozen_run_publishes_the_backbone_contract(
 
 
 @needs_shared
-def test_finetune_trains_only_the_last_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("backbone_lr_scale", "fine_tuning_helps"),
+    [(0.1, None), (3000.0, False)],  # the default; a rate that wrecks the backbone in one epoch
+)
+def test_finetune_trains_only_the_last_blocks_and_keeps_what_validates_best(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    backbone_lr_scale: float,
+    fine_tuning_helps: bool | None,
+) -> None:
     data = _subset(tmp_path / "data", per_class=12)
-    args = _args(data, tmp_path, "--mode", "finetune", "--trainable-blocks", "1", "--epochs", "1")
+    ckpt_dir = tmp_path / "ckpt"
+    args = _args(
+        data, tmp_path, "--mode", "finetune", "--trainable-blocks", "1", "--epochs", "1",
+        "--backbone-lr-scale", str(backbone_lr_scale), "--checkpoint-dir", str(ckpt_dir),
+    )  # fmt: skip
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "head fitted on" in out and "epoch 1:" in out
+    # The fine-tuning epoch trained the last block only (its weights are in the checkpoint).
+    pretrained = backbone_state("dlib_resnet")
+    tuned = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(tuned["backbone.blocks.12.conv1.weight"], pretrained["blocks.12.conv1.weight"])
+    assert not torch.equal(tuned["backbone.blocks.13.conv1.weight"], pretrained["blocks.13.conv1.weight"])
+    # The artifact holds the candidate with the lower validation loss: the fitted head (4 head
+    # epochs, best kept) or the fine-tuning epoch; the report and the log say which.
     art = current_dir(tmp_path / "models")
     assert art is not None
     meta = read_meta(art)
     assert meta.mode == "finetune" and meta.arch_config["trainable_blocks"] == 1
+    training = json.loads((art / "report.json").read_text())["training"]
+    head_rows, tune_rows = training["history"][:4], training["history"][4:]
+    assert len(tune_rows) == 1
+    helped = tune_rows[0]["val_loss"] < min(row["val_loss"] for row in head_rows) - 1e-4
+    if fine_tuning_helps is not None:
+        assert helped == fine_tuning_helps, training["history"]
     saved = load_file(str(art / "model.safetensors"))
-    pretrained = backbone_state("dlib_resnet")
-    assert torch.equal(saved["backbone.blocks.12.conv1.weight"], pretrained["blocks.12.conv1.weight"])
-    assert not torch.equal(saved["backbone.blocks.13.conv1.weight"], pretrained["blocks.13.conv1.weight"])
+    block13 = saved["backbone.blocks.13.conv1.weight"]
+    if helped:
+        assert training["best_epoch"] == 1 and "best: epoch 1 (val loss" in out
+        assert torch.equal(block13, tuned["backbone.blocks.13.conv1.weight"])
+    else:
+        assert training["best_epoch"] == 0 and "best: the fitted head" in out
+        assert torch.equal(block13, pretrained["blocks.13.conv1.weight"])
 
 
 def test_embedding_cache_resumes_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -407,6 +407,9 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     best_val: float = float("inf")
     best_state: dict[str, torch.Tensor] | None = None
+    #: The epoch whose weights ``best_state`` holds; after a head fitted on frozen features, the head's
+    #: best epoch (``frozen``) or 0, the head before any fine-tuning epoch (``finetune``).
+    best_epoch: int = 0
     bad_epochs: int = 0
     start_epoch: int = 0
     stopped: str = "max epochs"
@@ -417,7 +420,7 @@ class Progress:
         self.history.append(row)
         improved = row["val_loss"] < self.best_val - 1e-4
         if improved:
-            self.best_val, self.bad_epochs = row["val_loss"], 0
+            self.best_val, self.bad_epochs, self.best_epoch = row["val_loss"], 0, int(row["epoch"])
             self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             self.bad_epochs += 1
@@ -571,10 +574,13 @@ def train(run: Run, model: nn.Module, data: Data, checkpoint: dict[str, Any] | N
     if run.mode != "scratch" and checkpoint is None:
         fit = fit_head_on_features(run, model, data)
         progress.history = fit.history
+        # The fitted head is the first candidate: a fine-tuning epoch is kept only when it beats it on
+        # validation loss (the same measure: cross-entropy of the plain validation chips).
+        progress.best_val = fit.val_loss
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        progress.best_epoch = fit.best_epoch if run.mode == "frozen" else 0
         if run.mode == "frozen":
             epochs, progress.stopped = 0, "head fitted on frozen features"
-            progress.best_val = fit.val_loss
-            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     for epoch in range(progress.start_epoch, epochs):
         if progress.bad_epochs >= settings.patience:
             progress.stopped = "early stopping"
@@ -632,6 +638,9 @@ def _resume(
         set_rng_state(checkpoint["rng"], run.device)
     progress.history = list(checkpoint["history"])
     progress.best_val, progress.best_state = float(checkpoint["best_val_loss"]), checkpoint["best_state"]
+    # A checkpoint from before best_epoch was saved: the epoch of the lowest validation loss.
+    fallback = min(progress.history, key=lambda h: h["val_loss"])["epoch"] if progress.history else 0
+    progress.best_epoch = int(checkpoint.get("best_epoch", fallback))
     progress.bad_epochs, progress.start_epoch = int(checkpoint["bad_epochs"]), int(checkpoint["epoch"]) + 1
     if run.settings.checkpoint_dir is None and run.settings.resume is not None:
         progress.checkpoint_dir = run.settings.resume.parent
@@ -665,6 +674,7 @@ def save_checkpoint(
         "history": progress.history,
         "best_state": progress.best_state,
         "best_val_loss": progress.best_val,
+        "best_epoch": progress.best_epoch,
         "bad_epochs": progress.bad_epochs,
         "classes": classes,
     }
@@ -822,9 +832,14 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.write("error: no epoch was trained\n")
         return 2
     model.load_state_dict(progress.best_state)
-    best_epoch = int(min(progress.history, key=lambda h: h["val_loss"])["epoch"])
+    best_epoch = progress.best_epoch
+    best = (
+        f"epoch {best_epoch}"
+        if best_epoch or run.mode != "finetune"
+        else "the fitted head (no fine-tuning epoch beat it)"
+    )
     say(
-        f"training stopped ({progress.stopped}); best epoch {best_epoch} (val loss {progress.best_val:.4f}); "
+        f"training stopped ({progress.stopped}); best: {best} (val loss {progress.best_val:.4f}); "
         f"checkpoints in {progress.checkpoint_dir}"
     )
     cal = _calibrate(run, model, data)
