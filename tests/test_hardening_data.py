@@ -648,9 +648,11 @@ class PerFramePipeline:
     def __init__(self, inner: Any, per_frame_s: float) -> None:
         self.inner, self.per_frame_s = inner, per_frame_s
         self.frames = 0
+        self.passes: list[int] = []  # frames per call
 
     def process(self, jpegs: list[bytes], classifier: Any, threshold: Any) -> Any:
         self.frames += len(jpegs)
+        self.passes.append(len(jpegs))
         time.sleep(self.per_frame_s * len(jpegs))
         return self.inner.process(jpegs, classifier, threshold)
 
@@ -744,6 +746,28 @@ def test_14_an_overloaded_worker_reads_past_a_backlog_and_serves_every_camera(
         wait_until(lambda: camera(viewer, "a"), 15, what="camera known to the viewer")
         row = viewer.get("/api/stats").json()["cameras"]["a"]
         assert row["dropped_stale_predicted"] == stats[C.STAT_DROPPED_STALE_PREDICTED] >= 1, row
+
+
+def test_a_pass_of_the_pipeline_never_exceeds_batch_size(server7: RedisServer, tmp_path: Path) -> None:
+    """A read takes up to ``batch_size`` frames per camera, so three cameras hand one step three times
+    that; every frame that makes the budget is processed, in passes of at most ``batch_size`` (one
+    pass of all of them would hold that many decoded frames at once: on a GPU, its memory)."""
+    client = client_for(server7)
+    for cam in ("a", "b", "c"):
+        register(client, cam)
+    acc = Accounting(client)
+    worker = real_worker(server7, tmp_path, batch_size=2)
+    counting = PerFramePipeline(worker.pipeline, 0.0)
+    worker.pipeline = counting  # type: ignore[assignment]
+    for cam in ("a", "b", "c"):
+        for seq in range(2):
+            acc.publish(cam, frame_fields(cam, seq, jpeg(shade=seq), 64, 48), 100)
+    worker._step()
+    assert sum(counting.passes) == 6 and max(counting.passes) <= 2, counting.passes
+    for cam in ("a", "b", "c"):
+        stats = read_stats(client, cam)
+        assert stats[C.STAT_PROCESSED] == 2, stats
+        _check_equation(stats)
 
 
 def test_14_a_worker_that_keeps_up_drops_nothing(server7: RedisServer, tmp_path: Path) -> None:

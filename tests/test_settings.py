@@ -104,7 +104,10 @@ def test_flags_take_their_type_name_and_help_from_the_field() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--batch-size", "four"])  # argparse's own error, as before
     text = " ".join(parser.format_help().split())
-    assert "Most frames read and processed per batch (env GENDERLENS_BATCH_SIZE; default: 8)" in text
+    assert (
+        "Most frames per pass of the pipeline, and per camera in one read (env GENDERLENS_BATCH_SIZE; default: 8)"
+        in text
+    )
     assert "(env GENDERLENS_WORKER_NAME; default: unset)" in text
     # a value pydantic refuses is the settings' one-line error, naming the field
     with pytest.raises(SystemExit, match="genderlens infer: invalid settings: batch_size:"):

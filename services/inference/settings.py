@@ -46,7 +46,12 @@ class InferenceSettings(ModelPathsMixin, CommonSettings):
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads, also the cap of OpenCV's; 0 = the libraries' default."
     )
-    batch_size: int = Field(8, ge=1, le=1024, description="Most frames read and processed per batch.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Most frames per pass of the pipeline, and per camera in one read.",
+    )
     max_wait_ms: int = Field(
         5, ge=0, le=1000, description="Most time to wait to fill a batch once a frame is in hand."
     )

@@ -1,8 +1,8 @@
 """The inference worker: one member of the consumer group over every camera's frames stream.
 
-Loop: read up to ``batch_size`` entries (XREADGROUP COUNT/BLOCK across all frames streams), sort out
-what cannot or need not be processed (malformed -> dead letter, too old -> dropped as stale), run the
-pipeline on the rest, and settle every entry in one round trip: ``shared.accounting.SETTLE_LUA`` acks it
+Loop: read up to ``batch_size`` entries per camera (XREADGROUP COUNT/BLOCK across all frames streams),
+sort out what cannot or need not be processed (malformed -> dead letter, too old -> dropped as stale),
+run the pipeline on the rest in passes of at most ``batch_size`` frames, and settle every entry in one round trip: ``shared.accounting.SETTLE_LUA`` acks it
 and, only if that ack settled it, counts the outcome and publishes its result or dead-letter record, so a
 frame is counted once even when a slow worker and a claimer race for it. Entries a dead worker left
 pending are claimed after ``claim_idle_ms`` and get the same treatment; after ``max_deliveries`` they
@@ -691,9 +691,18 @@ class Worker:
                 log.info("%s %s was already settled by another worker", entry.stream, entry.entry_id.decode())
 
     def _process(self, good: list[tuple[Entry, Frame]], classifier: Any) -> list[FrameOutput | FrameError]:
-        """Run the pipeline on the batch; if it raises, run the frames one by one so that a single
-        poisonous frame is dead-lettered alone instead of taking the batch (or the worker) down."""
-        jpegs = [f.jpeg for _, f in good]
+        """Run the pipeline on the frames, at most ``batch_size`` at a time (a read takes up to that
+        many per camera, so with several cameras, or a backlog read past, more can be chosen; the
+        cap bounds the memory of one pass, on a GPU above all)."""
+        size = self.settings.batch_size
+        outputs: list[FrameOutput | FrameError] = []
+        for start in range(0, len(good), size):
+            outputs.extend(self._process_batch([f.jpeg for _, f in good[start : start + size]], classifier))
+        return outputs
+
+    def _process_batch(self, jpegs: list[bytes], classifier: Any) -> list[FrameOutput | FrameError]:
+        """One pass of the pipeline; if it raises, run the frames one by one so that a single poisonous
+        frame is dead-lettered alone instead of taking the batch (or the worker) down."""
         try:
             return self.pipeline.process(jpegs, classifier, self.settings.uncertain_threshold)
         except Exception:
