@@ -6,8 +6,9 @@
     python docker/fetch_weights.py DEST --local DIR      # each file from DIR when it is there, else download
     python docker/fetch_weights.py DIR --check           # only verify DIR holds every file, intact
 
-The URLs and digests live in ``shared/weights.py`` only; this script loads that file by path, so the
-build stage that runs it needs nothing but that file and the standard library. Every file, wherever it
+The URLs and digests live in ``shared/weights.py`` only; this script loads that file by path (with the
+folder holding ``shared/`` on the import path, for the modules it imports), so the build stage that runs
+it needs nothing but ``shared/`` and the standard library: no installed project. Every file, wherever it
 came from, is checked against its pinned sha256: a mismatch (or a missing file) fails the build.
 """
 
@@ -26,6 +27,9 @@ WEIGHTS_PY = Path(__file__).resolve().parents[1] / "shared" / "weights.py"
 
 
 def load_weights_module(path: Path = WEIGHTS_PY) -> ModuleType:
+    root = str(path.resolve().parents[1])  # shared/weights.py imports shared.fsutil
+    if root not in sys.path:
+        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location("genderlens_pinned_weights", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {path}")

@@ -149,13 +149,19 @@ def test_dockerignore_keeps_secrets_and_clutter_out_but_lets_the_build_inputs_in
 
 
 def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
+    """Run as the build stage runs it: only docker/fetch_weights.py and shared/ (its bind mounts), and a
+    Python without site-packages (``-S``), where the project is not installed."""
     from shared.weights import WEIGHTS
 
     weights = SHARED_WEIGHTS
     require_shared(weights)
-    script = REPO / "docker" / "fetch_weights.py"
+    stage = tmp_path / "build"
+    (stage / "docker").mkdir(parents=True)
+    shutil.copy(REPO / "docker" / "fetch_weights.py", stage / "docker")
+    shutil.copytree(REPO / "shared", stage / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    script = stage / "docker" / "fetch_weights.py"
     copy = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "w"), "--from", str(weights)],
+        [sys.executable, "-S", str(script), str(tmp_path / "w"), "--from", str(weights)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,7 +172,7 @@ def test_the_weights_script_checks_every_pinned_file(tmp_path: Path) -> None:
     victim = tmp_path / "w" / sorted(WEIGHTS)[0]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     check = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "w"), "--check"],
+        [sys.executable, "-S", str(script), str(tmp_path / "w"), "--check"],
         capture_output=True,
         text=True,
         timeout=60,
