@@ -4,7 +4,8 @@ A clip is composed from real face photos (1-4 portraits pasted into each 640x480
 capture does), then measured three ways in one run:
 
 1. ``naive``: the loop a tutorial writes, in this process, no Redis: per frame ``cv2.imdecode``,
-   ``cv2.FaceDetectorYN.detect`` (same ONNX, same thresholds as cv2-yunet), then for each face one at a
+   ``cv2.FaceDetectorYN.detect`` (same ONNX, same thresholds and the same no-face retry at the
+   fallback sides as cv2-yunet), then for each face one at a
    time: crop, to tensor, normalise, forward pass with a batch of one. Its crop is the shared
    landmark alignment applied to that one face, so that its detections and labels must be identical to
    the pipeline's (checked, and reported under ``identical``). ``naive_bbox`` is the same loop with the

@@ -42,6 +42,7 @@ class _NaiveLoop:
             str(weights_dir / ONNX_NAME), "", (320, 320), cfg.score_threshold, cfg.nms_threshold, cfg.top_k
         )
         self.max_side = cfg.max_side
+        self.fallback_sides = cfg.fallback_sides
         self.classifier = classifier
         self.bbox_crop = bbox_crop
         self.stages = dict.fromkeys(("decode", "detect", "crop", "classify"), 0.0)
@@ -67,7 +68,22 @@ class _NaiveLoop:
     def _detect(
         self, image: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        small, scale = resize_for_detection(image, self.max_side)  # a no-op for 640x480 frames
+        """At ``max_side``, and when that finds no face at each smaller fallback side in turn: the
+        detection policy the pipeline's detector follows (``shared.detectors.fallback``, every empty
+        frame retried, as the bench's pipeline does), so that their outputs can be compared."""
+        tried = min(max(image.shape[:2]), self.max_side)
+        boxes, landmarks = self._detect_at(image, self.max_side)
+        for side in self.fallback_sides:
+            if len(boxes) or side >= tried:
+                continue
+            boxes, landmarks = self._detect_at(image, side)
+            tried = side
+        return boxes, landmarks
+
+    def _detect_at(
+        self, image: npt.NDArray[np.uint8], max_side: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        small, scale = resize_for_detection(image, max_side)  # a no-op for 640x480 frames at 640
         if self._input_size != (small.shape[1], small.shape[0]):
             self._input_size = (small.shape[1], small.shape[0])
             self.net.setInputSize(self._input_size)
