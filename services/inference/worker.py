@@ -5,10 +5,10 @@ sort out what cannot or need not be processed (malformed -> dead letter, too old
 run the pipeline on the rest in passes of at most ``batch_size`` frames, and settle every entry in one
 round trip: ``shared.accounting.SETTLE_LUA`` acks it and, only if that ack settled it, counts the
 outcome and publishes its result or dead-letter record, so a frame is counted once even when a slow
-worker and a claimer race for it. Entries a dead worker left pending are claimed after ``claim_idle_ms`` and get the same treatment; after ``max_deliveries`` they
-are dead-lettered; claimed entries whose frame was trimmed meanwhile are counted evicted. Redis outages
-are ridden out with capped backoff (one log line per attempt); afterwards cameras are re-discovered and
-groups re-created. SIGTERM stops reading, finishes the batch in hand, acks it, leaves the group and
+worker and a claimer race for it. Entries a dead worker left pending are claimed after
+``claim_idle_ms`` and get the same treatment; after ``max_deliveries`` they are dead-lettered; claimed
+entries whose frame was trimmed meanwhile are counted evicted. Redis outages are ridden out with capped
+backoff (one log line per attempt); afterwards cameras are re-discovered and groups re-created. SIGTERM stops reading, finishes the batch in hand, acks it, leaves the group and
 exits 0.
 
 Validation is cheap and comes first: a message that is not a well-formed frame (not msgpack, wrong
