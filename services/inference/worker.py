@@ -8,8 +8,8 @@ outcome and publishes its result or dead-letter record, so a frame is counted on
 worker and a claimer race for it. Entries a dead worker left pending are claimed after
 ``claim_idle_ms`` and get the same treatment; after ``max_deliveries`` they are dead-lettered; claimed
 entries whose frame was trimmed meanwhile are counted evicted. Redis outages are ridden out with capped
-backoff (one log line per attempt); afterwards cameras are re-discovered and groups re-created. SIGTERM stops reading, finishes the batch in hand, acks it, leaves the group and
-exits 0.
+backoff (one log line per attempt); afterwards cameras are re-discovered and groups re-created.
+SIGTERM stops reading, finishes the batch in hand, acks it, leaves the group and exits 0.
 
 Validation is cheap and comes first: a message that is not a well-formed frame (not msgpack, wrong
 schema version, too big, absurd or inconsistent dimensions, a truncated or corrupt JPEG, more pixels than
