@@ -116,7 +116,7 @@ class Reader:
         """Called after every successful round trip (not only after a whole step: a step ends with a
         blocking XREAD, and the page must not say "reconnecting" for its duration)."""
         if not self.state.redis_ok:
-            log.info("redis reachable; following %d cameras", len(self.state.cameras))
+            log.info("redis reachable")
             self.state.redis_ok, self.state.redis_error, self.state.ever_connected = True, None, True
             M.REDIS_UP.set(1)
             for view in self.state.cameras.values():
@@ -349,6 +349,9 @@ class Reader:
         # First (camera requests included: removals decide which registry entries are stale).
         await self._seed_events()
         raw: Any = await self.client.hgetall(C.CAMERAS_KEY)
+        # Redis answers: say so before the cameras appear (the rest of the refresh awaits more round
+        # trips, and a page or /ws client must not see a camera while Redis still reads "reconnecting").
+        self._up()
         infos: dict[str, CameraInfo] = {}
         stale: list[str] = []
         for key, value in (raw or {}).items():
