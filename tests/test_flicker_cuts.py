@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 from services.viewer.tracker import FaceTracker
 from tests.helpers.paths import EVAL_DIR, REPO, WEIGHTS_DIR, skip_without
-from tools.flicker import make_clip, pick_photos, replay, results_from_clip
+from tools.flicker import Flicker, make_clip, pick_photos, replay, results_from_clip
 
 FPS = 10.0
 SECONDS_PER_PHOTO = 2.0
@@ -34,7 +34,7 @@ def test_at_a_cut_the_new_person_gets_a_new_track_and_not_the_old_label(tmp_path
     truth = [path.parent.parent.name for path in photos]
     assert truth == ["female", "male"] * 3
 
-    def run(new_identity: bool):  # type: ignore[no-untyped-def]
+    def run(new_identity: bool) -> Flicker:
         tracker = FaceTracker(new_identity=new_identity)
         return replay(results, tracker, FPS, signatures=signatures, truth=truth, frames_per_photo=per_photo)
 
