@@ -288,26 +288,21 @@ class FaceTracker:
             and best != track.label
             and conf >= self.switch_confidence
         )
+        # Suspicious: a sustained run of such observations (``switch_after``) means someone else.
+        suspicious = contradicts  # no appearance to compare: a sudden change of the class probabilities
         if sig is not None and track.signature is not None:
             alike = similarity(sig, track.signature)
             if alike >= self.appearance_threshold:
+                # The same face, unless it keeps getting the other label: two close-ups can look
+                # alike (a look-alike replacing the face), so a contradiction counts once sustained.
                 track.signature = sig
-                if not contradicts:
-                    track.suspects.clear()
-                    return False
-                # Looks alike but gets the other label: a look-alike replacing the face (close-ups,
-                # where the thumbnails of two faces correlate), or one odd frame: only a sustained
-                # contradiction counts, as without a signature.
-                track.suspects.append(face.probs)
-                return len(track.suspects) >= self.switch_after
-            if alike < self.appearance_change or contradicts:
+            elif alike < self.appearance_change or contradicts:
                 return True  # plainly someone else, or looks different *and* gets the other label
-            # Looks different, same verdict: a blurred frame, a turned head... or a look-alike. Keep
-            # the signature of the face we know until the change has lasted.
-            track.suspects.append(face.probs)
-            return len(track.suspects) >= self.switch_after
-        # No appearance to compare: a sudden, sustained change of the class probabilities.
-        if not contradicts:
+            else:
+                # Looks different, same verdict: a blurred frame, a turned head... or a look-alike.
+                # Keep the signature of the face we know until the change has lasted.
+                suspicious = True
+        if not suspicious:
             track.suspects.clear()
             return False
         track.suspects.append(face.probs)
