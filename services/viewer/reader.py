@@ -137,8 +137,7 @@ class Reader:
 
     async def step(self) -> None:
         if time.monotonic() >= self._next_refresh:
-            await self.refresh()
-            self._up()
+            await self.refresh()  # it calls _up() once Redis has answered
             self._next_refresh = time.monotonic() + REFRESH_S
         streams = {s: pos for s, pos in self._positions.items()}
         if not streams:
